@@ -1,0 +1,17 @@
+"""tfcurv: curvature-aware optimisation and curvature analysis for Keras 3.
+
+Public names (see ``docs/api.md``):
+
+* :mod:`tfcurv.optimizers`: AGD, AdaFisher, AdaFisherW, SGDPH.
+* :class:`tfcurv.Model`, :class:`tfcurv.Sequential`, :func:`tfcurv.attach`: models
+  whose ``fit`` delivers curvature to the optimizers that need it.
+* :class:`tfcurv.Hessian`, :class:`tfcurv.GaussNewton`: curvature of a loss at a
+  model's current weights.
+* :mod:`tfcurv.analysis`: weight trajectories, PCA, Hessian overlaps, callbacks.
+"""
+
+__version__ = "0.1.0"
+
+from tfcurv import optimizers  # noqa: E402
+
+__all__ = ["optimizers", "__version__"]

@@ -1,0 +1,3 @@
+"""Keras-native optimizers, serializable under the package name ``"tfcurv"``."""
+
+__all__: list[str] = []
