@@ -6,7 +6,8 @@ layers) subclasses :class:`CurvatureOptimizer` and says so; the tfcurv train ste
 (``tfcurv.Model``, ``tfcurv.Sequential``, ``tfcurv.attach``) then, on every step:
 
 1. runs the one forward pass inside nested gradient tapes (capturing layer
-   statistics when :attr:`CurvatureOptimizer.needs_layer_statistics` is true);
+   the inputs and pre-activation outputs of every layer whose class is in
+   :attr:`CurvatureOptimizer.statistics_layer_types`);
 2. computes the loss and the gradients as Keras does;
 3. calls :meth:`CurvatureOptimizer.compute_curvature` with a
    :class:`CurvatureContext` (replica context, per-replica values);
@@ -87,13 +88,19 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
 
     Subclasses implement :meth:`compute_curvature` and :meth:`store_curvature`,
     and set :attr:`needs_hessian_vector_products` and/or
-    :attr:`needs_layer_statistics`.
+    :attr:`statistics_layer_types`.
     """
 
     #: The train step must build the nested tapes for Hessian-vector products.
     needs_hessian_vector_products: bool = False
-    #: The train step must capture layer inputs and output gradients.
-    needs_layer_statistics: bool = False
+    #: Layer classes whose inputs and output gradients the train step must
+    #: capture (empty: none).
+    statistics_layer_types: tuple[type[keras.layers.Layer], ...] = ()
+
+    @property
+    def needs_layer_statistics(self) -> bool:
+        """Whether the train step must capture layer inputs and output gradients."""
+        return bool(self.statistics_layer_types)
 
     def compute_curvature(
         self, context: CurvatureContext
