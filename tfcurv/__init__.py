@@ -13,5 +13,6 @@ Public names (see ``docs/api.md``):
 __version__ = "0.1.0"
 
 from tfcurv import optimizers  # noqa: E402
+from tfcurv.curvature.operators import GaussNewton, Hessian  # noqa: E402
 
-__all__ = ["optimizers", "__version__"]
+__all__ = ["optimizers", "Hessian", "GaussNewton", "__version__"]

@@ -8,7 +8,7 @@ that recorded the computation of ``gradients`` (reverse-over-reverse), it return
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -43,3 +43,167 @@ def hessian_vector_product_from_tape(
         inner_product, list(wrt), unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
     return [tf.convert_to_tensor(p) for p in products]
+
+
+LossClosure = Callable[[], tf.Tensor]
+OutputsClosure = Callable[[], tf.Tensor]
+
+MODES = ("reverse_over_reverse", "forward_over_reverse")
+
+
+def _primal(variable) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras variable (``ForwardAccumulator`` rejects Keras')."""
+    return getattr(variable, "value", variable)
+
+
+def hessian_vector_products(
+    loss_fn: LossClosure,
+    variables: Sequence[tf.Variable],
+    vectors: Sequence[Sequence[tf.Tensor]],
+    mode: str = "reverse_over_reverse",
+) -> list[list[tf.Tensor]]:
+    """``H v`` for every ``v`` in ``vectors``, where ``H`` is the Hessian of ``loss_fn()``.
+
+    ``reverse_over_reverse`` (default) runs one forward pass and one gradient
+    pass, then one more backward pass per vector. ``forward_over_reverse``
+    pushes each vector forward through the gradient computation with a
+    ``tf.autodiff.ForwardAccumulator`` (one forward+gradient pass per vector); it
+    does not go through every op (e.g. Keras RNN while-loops in graphs).
+    """
+    if mode == "reverse_over_reverse":
+        with tf.GradientTape(persistent=len(vectors) > 1) as outer_tape:
+            with tf.GradientTape() as inner_tape:
+                loss = loss_fn()
+            gradients = inner_tape.gradient(
+                loss, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+        return [
+            hessian_vector_product_from_tape(outer_tape, gradients, v, variables)
+            for v in vectors
+        ]
+    if mode == "forward_over_reverse":
+        primals = [_primal(v) for v in variables]
+        products = []
+        for v in vectors:
+            tangents = [tf.cast(t, p.dtype) for t, p in zip(v, primals)]
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+                with tf.GradientTape() as tape:
+                    loss = loss_fn()
+                gradients = tape.gradient(
+                    loss, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                )
+            products.append(
+                [
+                    accumulator.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    for g in gradients
+                ]
+            )
+        return products
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _output_hessian_products(loss_of_outputs, outputs, directions):
+    """``(d^2 loss / d outputs^2) u`` for each direction ``u`` (structures like ``outputs``)."""
+    flat_outputs = tf.nest.flatten(outputs)
+    with tf.GradientTape(persistent=len(directions) > 1) as outer_tape:
+        outer_tape.watch(flat_outputs)
+        with tf.GradientTape() as inner_tape:
+            inner_tape.watch(flat_outputs)
+            loss = loss_of_outputs(tf.nest.pack_sequence_as(outputs, flat_outputs))
+        output_gradients = inner_tape.gradient(loss, flat_outputs)
+    return [
+        hessian_vector_product_from_tape(
+            outer_tape, output_gradients, tf.nest.flatten(u), flat_outputs
+        )
+        for u in directions
+    ]
+
+
+class _Linearisation:
+    """``J v`` and ``J^T u`` of ``outputs_fn`` at the current point, from one forward pass.
+
+    ``J v`` uses the double-VJP identity ``J v = d/du <J^T u, v>`` (reverse mode
+    only, so it works through every op that has a gradient of its gradient).
+    """
+
+    def __init__(self, outputs_fn: OutputsClosure, variables, num_vectors: int):
+        self.variables = list(variables)
+        with tf.GradientTape(persistent=True) as self._tape:
+            self.outputs = outputs_fn()
+        self.flat_outputs = tf.nest.flatten(self.outputs)
+        self._dummy = [tf.zeros_like(o) for o in self.flat_outputs]
+        with tf.GradientTape(persistent=num_vectors > 1) as self._dual_tape:
+            self._dual_tape.watch(self._dummy)
+            self._transposed = self.transpose_product(self._dummy)
+
+    def transpose_product(self, output_vectors) -> list[tf.Tensor]:
+        """``J^T u`` (zeros for variables the outputs do not depend on)."""
+        return self._tape.gradient(
+            self.flat_outputs,
+            self.variables,
+            output_gradients=list(output_vectors),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    def product(self, vector) -> list[tf.Tensor]:
+        """``J v`` as a flat list shaped like the outputs."""
+        with self._dual_tape:
+            inner = tf.add_n(
+                [
+                    tf.reduce_sum(g * tf.cast(v, g.dtype))
+                    for g, v in zip(self._transposed, vector)
+                ]
+            )
+        return self._dual_tape.gradient(
+            inner, self._dummy, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+
+
+def gauss_newton_vector_products(
+    outputs_fn: OutputsClosure,
+    loss_of_outputs: Callable[[tf.Tensor], tf.Tensor],
+    variables: Sequence[tf.Variable],
+    vectors: Sequence[Sequence[tf.Tensor]],
+) -> list[list[tf.Tensor]]:
+    """``J^T (d^2 loss/d outputs^2) J v``: the generalised Gauss-Newton matrix times ``v``.
+
+    ``J`` is the Jacobian of ``outputs_fn()`` with respect to ``variables``. For
+    losses convex in the outputs (cross-entropy from logits, squared error) the
+    result is positive semi-definite.
+    """
+    linearisation = _Linearisation(outputs_fn, variables, len(vectors))
+    jacobian_products = [linearisation.product(v) for v in vectors]
+    curvature_products = _output_hessian_products(
+        loss_of_outputs,
+        linearisation.outputs,
+        [tf.nest.pack_sequence_as(linearisation.outputs, jv) for jv in jacobian_products],
+    )
+    return [linearisation.transpose_product(hu) for hu in curvature_products]
+
+
+def fisher_vector_products(
+    outputs_fn: OutputsClosure,
+    per_example_output_gradients: Callable[[tf.Tensor], tf.Tensor],
+    variables: Sequence[tf.Variable],
+    vectors: Sequence[Sequence[tf.Tensor]],
+) -> list[list[tf.Tensor]]:
+    """``(1/N) sum_n J_n^T e_n e_n^T J_n v``: a Fisher matrix in output space, times ``v``.
+
+    ``per_example_output_gradients(outputs)`` returns ``e`` of shape
+    ``(N, ...)`` with row ``n`` the gradient of example ``n``'s loss with respect
+    to its outputs: with the observed labels this gives the empirical Fisher,
+    with labels sampled from the model's predictive distribution the (Monte
+    Carlo) Fisher. Examples are treated as independent (exact without
+    batch-coupling layers such as BatchNormalization in training mode).
+    """
+    linearisation = _Linearisation(outputs_fn, variables, len(vectors))
+    (outputs,) = linearisation.flat_outputs
+    e = tf.stop_gradient(per_example_output_gradients(outputs))
+    count = tf.cast(tf.shape(e)[0], e.dtype)
+    reduce_axes = list(range(1, len(e.shape)))
+    results = []
+    for v in vectors:
+        (jv,) = linearisation.product(v)
+        per_example = tf.reduce_sum(e * jv, axis=reduce_axes, keepdims=True)
+        results.append(linearisation.transpose_product([e * per_example / count]))
+    return results

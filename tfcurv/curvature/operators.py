@@ -1,0 +1,302 @@
+"""``tfcurv.Hessian`` and ``tfcurv.GaussNewton``: curvature of a Keras model's loss.
+
+Each operator is the curvature matrix of the mean loss of ``model`` on
+``data`` at the model's current weights, restricted to ``variables``. It is
+never stored: everything goes through compiled matrix-vector products (one
+``tf.function`` trace per operator, reused for every vector).
+
+The forward pass of every product runs
+
+* inside :func:`~tfcurv.curvature.exact_moments.exact_second_derivatives`, so
+  BatchNormalization / LayerNormalization / GroupNormalization in training mode
+  give exact second derivatives;
+* inside ``keras.StatelessScope``, so no call changes the model: with
+  ``training=True`` batch statistics and live Dropout are used, but moving
+  averages and random-seed states are not updated. Every evaluation therefore
+  sees the same Dropout mask (the one the seed state currently gives), which
+  keeps the operator a fixed symmetric matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcurv.curvature import data as data_lib
+from tfcurv.curvature import lanczos as lanczos_lib
+from tfcurv.curvature import losses as losses_lib
+from tfcurv.curvature import products
+from tfcurv.curvature import vectors as vec
+from tfcurv.curvature.exact_moments import exact_second_derivatives
+
+DEFAULT_MAX_DENSE_SIZE = 5000
+_CHUNK = 16  # vectors per compiled call (one forward pass shared by all of them)
+
+
+def select_variables(model: keras.Model, variables) -> list:
+    """``variables`` as a list of the model's trainable variables.
+
+    Accepts ``None`` (all trainable variables), a layer, a variable, or a list
+    of layers and variables.
+    """
+    trainable = list(model.trainable_variables)
+    if variables is None:
+        selected = trainable
+    else:
+        items = variables if isinstance(variables, (list, tuple)) else [variables]
+        selected = []
+        for item in items:
+            if isinstance(item, keras.layers.Layer):
+                selected.extend(item.trainable_variables)
+            else:
+                selected.append(item)
+    known = {id(v) for v in trainable}
+    for v in selected:
+        if id(v) not in known:
+            raise ValueError(
+                f"variables must be trainable variables (or layers) of the model; "
+                f"{getattr(v, 'path', v)!r} is not one"
+            )
+    if not selected:
+        raise ValueError("variables selects no trainable variable")
+    return selected
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class CurvatureOperator:
+    """A symmetric curvature matrix of ``loss`` on ``data``, known through products.
+
+    Args:
+        model: a built Keras model.
+        loss: a ``keras.losses.Loss``, a loss name or a callable; reduced as in
+            ``model.compile`` and with ``model.losses`` added.
+        data: ``(x, y)``, ``(x, y, sample_weight)`` or a ``tf.data.Dataset`` of
+            such batches (the curvature of the mean loss over all examples).
+        training: ``True`` for batch statistics and live Dropout (without
+            changing the model), ``False`` for inference mode.
+        variables: ``None`` (all trainable variables), a layer, or a list of
+            layers / variables to restrict the matrix to.
+        mode: ``"reverse_over_reverse"`` (default) or ``"forward_over_reverse"``
+            (Hessian only).
+        max_dense_size: largest parameter count :meth:`dense` and exact methods
+            accept.
+        progress: show a progress bar per pass over ``data`` (default: for
+            datasets of more than 20 batches).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        loss,
+        data,
+        training: bool = False,
+        variables=None,
+        mode: str = "reverse_over_reverse",
+        max_dense_size: int = DEFAULT_MAX_DENSE_SIZE,
+        progress: bool | None = None,
+    ):
+        if not isinstance(training, bool):
+            raise ValueError(f"training must be True or False, got {training!r}")
+        if mode not in products.MODES:
+            raise ValueError(f"mode must be one of {products.MODES}, got {mode!r}")
+        self.model = model
+        self.loss = losses_lib.resolve(loss)
+        self.data = data_lib.Data(data, progress)
+        self.training = training
+        self.mode = mode
+        self.variables = select_variables(model, variables)
+        self.shapes = [tuple(v.shape) for v in self.variables]
+        self.dtype = tf.as_dtype(self.variables[0].dtype)
+        self.size = sum(vec.sizes(self.shapes))
+        self.max_dense_size = _check_positive_int(max_dense_size, "max_dense_size")
+        self._compiled_products = tf.function(self._batch_products)
+
+    # -- the model's loss, without changing the model ---------------------------------
+
+    def _outputs_and_regularisation(self, x):
+        """Model outputs and ``sum(model.losses)`` from one stateless forward pass."""
+        with exact_second_derivatives(), keras.StatelessScope(collect_losses=True):
+            outputs = self.model(x, training=self.training)
+            regularisation = [tf.cast(l, self.dtype) for l in self.model.losses]
+        return outputs, tf.add_n(regularisation) if regularisation else None
+
+    def _loss(self, x, y, sample_weight) -> tf.Tensor:
+        outputs, regularisation = self._outputs_and_regularisation(x)
+        value = self.loss(y, outputs, sample_weight=sample_weight)
+        return value if regularisation is None else value + regularisation
+
+    # -- products ---------------------------------------------------------------------
+
+    def _products_on_batch(self, x, y, sample_weight, vectors):
+        raise NotImplementedError
+
+    def _batch_products(self, x, y, sample_weight, flat_vectors):
+        """``A V^T`` on one batch, for the rows of ``flat_vectors`` (compiled)."""
+        vectors = [
+            vec.unflatten(flat_vectors[i], self.shapes) for i in range(flat_vectors.shape[0])
+        ]
+        results = self._products_on_batch(x, y, sample_weight, vectors)
+        return tf.stack([vec.flatten(r) for r in results])
+
+    def _matmat(self, flat_vectors: tf.Tensor) -> tf.Tensor:
+        """Products with the rows of ``flat_vectors`` (k, P), over all of ``data``."""
+        flat_vectors = tf.cast(flat_vectors, self.dtype)
+        chunks = []
+        for start in range(0, int(flat_vectors.shape[0]), _CHUNK):
+            chunk = flat_vectors[start : start + _CHUNK]
+            chunks.append(
+                self.data.weighted_mean(lambda batch: self._compiled_products(*batch, chunk))
+            )
+        return tf.concat(chunks, axis=0)
+
+    def _matvec(self, flat_vector: tf.Tensor) -> tf.Tensor:
+        return self._matmat(flat_vector[None])[0]
+
+    def vp(self, vectors: Sequence) -> list[tf.Tensor]:
+        """The matrix times ``vectors`` (one tensor per variable, same shapes)."""
+        if len(vectors) != len(self.variables):
+            raise ValueError(
+                f"vectors must have one tensor per variable ({len(self.variables)}), "
+                f"got {len(vectors)}"
+            )
+        for v, shape in zip(vectors, self.shapes):
+            if tuple(v.shape) != shape:
+                raise ValueError(
+                    f"vectors must be shaped like the variables: got {tuple(v.shape)} "
+                    f"where {shape} is expected"
+                )
+        flat = vec.flatten([tf.cast(v, self.dtype) for v in vectors])
+        return vec.unflatten(self._matvec(flat), self.shapes)
+
+    # -- small models -----------------------------------------------------------------
+
+    def _check_dense_size(self, what: str, max_size: int | None) -> None:
+        limit = self.max_dense_size if max_size is None else _check_positive_int(max_size, "max_size")
+        if self.size > limit:
+            raise ValueError(
+                f"{what} needs {self.size} products and a {self.size}x{self.size} "
+                f"matrix; this exceeds max_size={limit}. Pass max_size={self.size} "
+                "(or a larger max_dense_size) to allow it, or use variables= to "
+                "restrict the matrix to a block"
+            )
+
+    def _unit_products(self):
+        """Yields ``(start, A[:, start:start+k]^T)`` for all unit vectors, in chunks."""
+        identity_chunk = _CHUNK * 4
+        for start in range(0, self.size, identity_chunk):
+            stop = min(start + identity_chunk, self.size)
+            units = tf.one_hot(tf.range(start, stop), self.size, dtype=self.dtype)
+            yield start, self._matmat(units)
+
+    def dense(self, max_size: int | None = None) -> np.ndarray:
+        """The full ``(P, P)`` matrix (variables flattened in order, C order).
+
+        Costs ``P`` products; refused above ``max_size`` (default
+        ``max_dense_size``) with a ``ValueError``.
+        """
+        self._check_dense_size("dense()", max_size)
+        return np.concatenate([rows.numpy() for _, rows in self._unit_products()])
+
+    # -- spectra ----------------------------------------------------------------------
+
+    def eigenvalues(
+        self,
+        top_n: int = 1,
+        method: str = "lanczos",
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        seed: int = 0,
+    ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """Top eigenpairs: values (descending) and eigenvectors shaped like ``variables``.
+
+        ``method="lanczos"`` (default) returns the ``top_n`` largest algebraic
+        eigenvalues (for the most negative ones, use ``eigenvalues`` of
+        ``-1 * operator`` via :meth:`negated`). ``method="power"`` is PyHessian's
+        deflated power iteration, which finds the ``top_n`` largest in
+        magnitude. ``max_iter`` bounds the products (Lanczos, default
+        ``min(P, 300)``) or the iterations per pair (power, default 1000).
+        """
+        top_n = _check_positive_int(top_n, "top_n")
+        if top_n > self.size:
+            raise ValueError(f"top_n must be at most the parameter count {self.size}, got {top_n}")
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0, got {tol!r}")
+        if method == "lanczos":
+            max_iter = min(self.size, 300) if max_iter is None else _check_positive_int(max_iter, "max_iter")
+            solver = lanczos_lib.top_eigenpairs
+        elif method == "power":
+            max_iter = 1000 if max_iter is None else _check_positive_int(max_iter, "max_iter")
+            solver = lanczos_lib.power_iteration
+        else:
+            raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+        values, vectors, self.last_num_products = solver(
+            self._matvec, self.size, self.dtype, top_n, tol, max(max_iter, top_n), seed
+        )
+        return np.asarray(values), [
+            [t.numpy() for t in vec.unflatten(v, self.shapes)] for v in vectors
+        ]
+
+    def negated(self) -> "CurvatureOperator":
+        """The same operator times -1 (its top eigenvalues are this one's bottom ones)."""
+        return _Negated(self)
+
+
+class _Negated(CurvatureOperator):
+    def __init__(self, operator: CurvatureOperator):  # noqa: D107 - shares the operator's state
+        self.__dict__.update(operator.__dict__)
+        self._compiled_products = operator._compiled_products
+
+    def _matmat(self, flat_vectors):
+        return -CurvatureOperator._matmat(self, flat_vectors)
+
+
+class Hessian(CurvatureOperator):
+    """The Hessian of the mean loss (plus regularisation) with respect to ``variables``."""
+
+    def _products_on_batch(self, x, y, sample_weight, vectors):
+        return products.hessian_vector_products(
+            lambda: self._loss(x, y, sample_weight), self.variables, vectors, self.mode
+        )
+
+
+class GaussNewton(CurvatureOperator):
+    """The generalised Gauss-Newton matrix ``J^T (d^2 loss / d outputs^2) J``.
+
+    ``J`` is the Jacobian of the model outputs (logits, for cross-entropies
+    with ``from_logits=True``). The Hessian of the regularisation losses is
+    added exactly (for L2 weight penalties it is a multiple of the identity).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.mode != "reverse_over_reverse":
+            raise ValueError("GaussNewton supports only mode='reverse_over_reverse'")
+
+    def _products_on_batch(self, x, y, sample_weight, vectors):
+        regularisation_holder = []
+
+        def outputs_fn():
+            outputs, regularisation = self._outputs_and_regularisation(x)
+            regularisation_holder.append(regularisation)
+            return outputs
+
+        results = products.gauss_newton_vector_products(
+            outputs_fn,
+            lambda outputs: self.loss(y, outputs, sample_weight=sample_weight),
+            self.variables,
+            vectors,
+        )
+        if regularisation_holder[0] is not None:
+            regularised = products.hessian_vector_products(
+                lambda: self._outputs_and_regularisation(x)[1], self.variables, vectors
+            )
+            results = [[a + b for a, b in zip(r, q)] for r, q in zip(results, regularised)]
+        return results
