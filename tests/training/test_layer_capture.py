@@ -45,8 +45,10 @@ class _Block(keras.layers.Layer):
 
     def __init__(self):
         super().__init__(name="block")
-        self.parts = [keras.layers.Dense(5, activation="tanh", name="fc1"),
-                      keras.layers.LayerNormalization(name="ln")]
+        self.parts = [
+            keras.layers.Dense(5, activation="tanh", name="fc1"),
+            keras.layers.LayerNormalization(name="ln"),
+        ]
 
     def call(self, x):
         for part in self.parts:
@@ -58,9 +60,11 @@ class _Subclassed(keras.Model):
     def __init__(self):
         super().__init__()
         self.features = keras.Sequential(
-            [keras.layers.Conv2D(3, 3, activation="relu", name="conv"),
-             keras.layers.BatchNormalization(name="bn"),
-             keras.layers.Flatten(name="flat")]
+            [
+                keras.layers.Conv2D(3, 3, activation="relu", name="conv"),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.Flatten(name="flat"),
+            ]
         )
         self.block = _Block()
         self.head = keras.layers.Dense(2, name="fc2")
@@ -75,7 +79,11 @@ def _subclassed():
     return model
 
 
-MODEL_STYLES = {"sequential": _sequential, "functional": _functional, "subclassed": _subclassed}
+MODEL_STYLES = {
+    "sequential": _sequential,
+    "functional": _functional,
+    "subclassed": _subclassed,
+}
 
 
 def _data():
@@ -103,14 +111,19 @@ def test_records_inputs_and_pre_activations_in_every_model_style(style):
     np.testing.assert_allclose(output.numpy(), expected_output, rtol=1e-6)
     assert [r.layer.name for r in records] == ["conv", "bn", "fc1", "ln", "fc2"]
     assert [type(r.layer) for r in records] == [
-        keras.layers.Conv2D, keras.layers.BatchNormalization, keras.layers.Dense,
-        keras.layers.LayerNormalization, keras.layers.Dense,
+        keras.layers.Conv2D,
+        keras.layers.BatchNormalization,
+        keras.layers.Dense,
+        keras.layers.LayerNormalization,
+        keras.layers.Dense,
     ]
     np.testing.assert_array_equal(records[0].inputs.numpy(), x)
     for record in records:
         expected = _pre_activation(record.layer, record.inputs.numpy())
         if expected is not None:
-            np.testing.assert_allclose(record.outputs.numpy(), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                record.outputs.numpy(), expected, rtol=1e-5, atol=1e-6
+            )
     # The next layer's input is the activated output.
     np.testing.assert_allclose(
         records[0].outputs.numpy().clip(min=0), tf.nn.relu(records[0].outputs).numpy()
@@ -136,15 +149,20 @@ def _assert_restored(model):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_output_gradients_are_taken_before_the_fused_activation(compiled):
     model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh", name="fc1"),
-         keras.layers.Dense(1, name="fc2")]
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="tanh", name="fc1"),
+            keras.layers.Dense(1, name="fc2"),
+        ]
     )
     x = np.random.default_rng(1).normal(size=(5, 3)).astype("float32")
 
     def step(x):
-        with capture_layer_statistics(model, (keras.layers.Dense,)) as records:
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(model(x) ** 2)
+        with (
+            capture_layer_statistics(model, (keras.layers.Dense,)) as records,
+            tf.GradientTape() as tape,
+        ):
+            loss = tf.reduce_sum(model(x) ** 2)
         grads = tape.gradient(loss, [r.outputs for r in records])
         return grads, [r.inputs for r in records], [r.outputs for r in records]
 
@@ -166,10 +184,12 @@ def test_output_gradients_are_taken_before_the_fused_activation(compiled):
 def test_restored_when_the_forward_pass_raises():
     model = _functional()
     x = _data()
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture_layer_statistics(model, SUPPORTED) as records:
-            model(x)
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        capture_layer_statistics(model, SUPPORTED) as records,
+    ):
+        model(x)
+        raise RuntimeError("boom")
     assert len(records) == 5
     _assert_restored(model)
     model(x)  # still usable
@@ -179,9 +199,11 @@ def test_shared_layer_fails_loudly():
     shared = keras.layers.Dense(3, name="shared")
     inputs = keras.Input((3,))
     model = keras.Model(inputs, shared(shared(inputs)))
-    with pytest.raises(ValueError, match="'shared'.*more than once"):
-        with capture_layer_statistics(model, (keras.layers.Dense,)):
-            model(np.ones((2, 3), "float32"))
+    with (
+        pytest.raises(ValueError, match="'shared'.*more than once"),
+        capture_layer_statistics(model, (keras.layers.Dense,)),
+    ):
+        model(np.ones((2, 3), "float32"))
     assert "call" not in shared.__dict__
 
 
@@ -196,16 +218,22 @@ def test_layers_outside_the_types_and_unused_layers_are_not_recorded():
 
 
 def test_bad_layer_types_are_rejected():
-    with pytest.raises(ValueError, match="layer_types"):
-        with capture_layer_statistics(_functional(), [keras.layers.Dense]):
-            pass
-    with pytest.raises(ValueError, match="layer_types"):
-        with capture_layer_statistics(_functional(), (int,)):
-            pass
+    with (
+        pytest.raises(ValueError, match="layer_types"),
+        capture_layer_statistics(_functional(), [keras.layers.Dense]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="layer_types"),
+        capture_layer_statistics(_functional(), (int,)),
+    ):
+        pass
 
 
 def test_threads_capturing_the_same_model_see_their_own_tensors():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="relu")])
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(2, activation="relu")]
+    )
     barrier = threading.Barrier(2)
     results, errors = {}, []
 
@@ -240,7 +268,9 @@ def test_mirrored_replicas_record_their_own_batch_shard():
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
     with strategy.scope():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
-    dataset = tf.data.Dataset.from_tensor_slices(np.arange(8, dtype="float32").reshape(4, 2))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        np.arange(8, dtype="float32").reshape(4, 2)
+    )
     batch = next(iter(strategy.experimental_distribute_dataset(dataset.batch(4))))
 
     @tf.function

@@ -110,7 +110,9 @@ class _Patch:
         session = _active_session()
         if session is not None and id(self.layer) in session.layer_ids:
             inputs = args[0] if args else kwargs["inputs"]
-            if not isinstance(inputs, keras.KerasTensor):  # skip symbolic shape inference
+            if not isinstance(
+                inputs, keras.KerasTensor
+            ):  # skip symbolic shape inference
                 session.record(self.layer, inputs, outputs)
         if self.activation is not None:
             outputs = self.activation(outputs)
