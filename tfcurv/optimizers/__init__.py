@@ -1,3 +1,5 @@
 """Keras-native optimizers, serializable under the package name ``"tfcurv"``."""
 
-__all__: list[str] = []
+from tfcurv.optimizers.agd import AGD
+
+__all__: list[str] = ["AGD"]
