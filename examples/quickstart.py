@@ -27,13 +27,13 @@ from collections.abc import Callable, Sequence
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import tfcurv  # noqa: E402
+import tfcurv
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from data import load_mnist  # noqa: E402
+from data import load_mnist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ CONTENDERS: list[Contender] = [
         "Keras SGD (momentum 0.9)",
         lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
     ),
+    Contender("tfcurv AGD", lambda: tfcurv.optimizers.AGD(learning_rate=1e-3)),
 ]
 
 DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "output"

@@ -15,8 +15,8 @@ import tensorflow_datasets as tfds
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import data  # noqa: E402
-import quickstart  # noqa: E402
+import data
+import quickstart
 
 
 def test_offline_digits_are_a_balanced_deterministic_split(capsys):
@@ -40,9 +40,7 @@ def test_offline_digits_are_a_balanced_deterministic_split(capsys):
 
 
 def test_prepared_tfds_mnist_is_preferred(monkeypatch, capsys):
-    monkeypatch.setattr(
-        tfds.core.DatasetBuilder, "is_prepared", lambda builder: True
-    )
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda builder: True)
     with tfds.testing.mock_data(num_examples=12):
         (x_train, y_train), (x_test, y_test) = data.load_mnist()
 
@@ -72,7 +70,9 @@ def test_step_recorder_recovers_the_loss_of_every_step():
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="mse")
     recorder = quickstart.StepRecorder(batch_size=16, train_size=50)
 
-    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[recorder], verbose=0)
+    model.fit(
+        x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[recorder], verbose=0
+    )
 
     batch_losses = [
         model.evaluate(x[start : start + 16], y[start : start + 16], verbose=0)
