@@ -26,14 +26,20 @@ import numpy as np
 import tensorflow as tf
 
 from tfcurv.curvature import data as data_lib
+from tfcurv.curvature import density as density_lib
+from tfcurv.curvature import diagonal as diagonal_lib
 from tfcurv.curvature import lanczos as lanczos_lib
 from tfcurv.curvature import losses as losses_lib
 from tfcurv.curvature import products
+from tfcurv.curvature import trace as trace_lib
 from tfcurv.curvature import vectors as vec
 from tfcurv.curvature.exact_moments import exact_second_derivatives
 
 DEFAULT_MAX_DENSE_SIZE = 5000
-_CHUNK = 16  # vectors per compiled call (one forward pass shared by all of them)
+# Vectors per compiled call. Several vectors could share one forward pass, but
+# tracing k unrolled products costs about k times one trace (12 s for k = 16 on a
+# small CNN) while running them saves little, so products go one at a time.
+_VECTORS_PER_CALL = 1
 
 
 def select_variables(model: keras.Model, variables) -> list:
@@ -150,8 +156,8 @@ class CurvatureOperator:
         """Products with the rows of ``flat_vectors`` (k, P), over all of ``data``."""
         flat_vectors = tf.cast(flat_vectors, self.dtype)
         chunks = []
-        for start in range(0, int(flat_vectors.shape[0]), _CHUNK):
-            chunk = flat_vectors[start : start + _CHUNK]
+        for start in range(0, int(flat_vectors.shape[0]), _VECTORS_PER_CALL):
+            chunk = flat_vectors[start : start + _VECTORS_PER_CALL]
             chunks.append(
                 self.data.weighted_mean(lambda batch: self._compiled_products(*batch, chunk))
             )
@@ -190,7 +196,7 @@ class CurvatureOperator:
 
     def _unit_products(self):
         """Yields ``(start, A[:, start:start+k]^T)`` for all unit vectors, in chunks."""
-        identity_chunk = _CHUNK * 4
+        identity_chunk = 64
         for start in range(0, self.size, identity_chunk):
             stop = min(start + identity_chunk, self.size)
             units = tf.one_hot(tf.range(start, stop), self.size, dtype=self.dtype)
@@ -243,6 +249,68 @@ class CurvatureOperator:
         return np.asarray(values), [
             [t.numpy() for t in vec.unflatten(v, self.shapes)] for v in vectors
         ]
+
+    # -- traces, diagonals, densities ------------------------------------------------
+
+    def trace(self, method: str = "hutchinson", num_samples: int = 100, seed: int = 0) -> float:
+        """The trace: ``"hutchinson"``, ``"hutch++"`` (``num_samples`` products each) or ``"exact"``."""
+        num_samples = _check_positive_int(num_samples, "num_samples")
+        if method == "hutchinson":
+            return trace_lib.hutchinson(self._matmat, self.size, self.dtype, num_samples, seed)
+        if method == "hutch++":
+            return trace_lib.hutch_plus_plus(self._matmat, self.size, self.dtype, num_samples, seed)
+        if method == "exact":
+            return float(np.sum(self.diagonal("exact")))
+        raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'exact', got {method!r}")
+
+    def diagonal(
+        self, method: str = "exact", num_samples: int = 100, seed: int = 0
+    ) -> np.ndarray:
+        """The diagonal as one flat array (variables flattened in order).
+
+        ``"exact"``: one product per parameter (refused above
+        ``max_dense_size``); ``"hutchinson"``: mean of ``num_samples`` Rademacher
+        estimates ``v * (A v)``; ``"curvature_propagation"``: Martens, Sutskever
+        & Swersky (2012), ``num_samples`` samples, see
+        :mod:`tfcurv.curvature.propagation`.
+        """
+        num_samples = _check_positive_int(num_samples, "num_samples")
+        if method == "exact":
+            self._check_dense_size("diagonal('exact')", None)
+            return diagonal_lib.exact(self._matmat, self.size, self.dtype).numpy()
+        if method == "hutchinson":
+            return diagonal_lib.hutchinson(
+                self._matmat, self.size, self.dtype, num_samples, seed
+            ).numpy()
+        if method == "curvature_propagation":
+            return self._curvature_propagation(num_samples, seed)
+        raise ValueError(
+            "method must be 'exact', 'hutchinson' or 'curvature_propagation', "
+            f"got {method!r}"
+        )
+
+    def _curvature_propagation(self, num_samples: int, seed: int) -> np.ndarray:
+        from tfcurv.curvature import propagation
+
+        estimator = propagation.CurvaturePropagation(
+            self.model,
+            self.loss,
+            self.variables,
+            gauss_newton=isinstance(self, GaussNewton),
+        )
+        return self.data.weighted_mean(
+            lambda batch: estimator.diagonal(*batch, num_samples=num_samples, seed=seed)
+        ).numpy()
+
+    def density(
+        self, num_iter: int = 100, num_runs: int = 1, seed: int = 0
+    ) -> density_lib.SpectralDensity:
+        """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_iter`` products."""
+        num_iter = _check_positive_int(num_iter, "num_iter")
+        num_runs = _check_positive_int(num_runs, "num_runs")
+        return density_lib.stochastic_lanczos_quadrature(
+            self._matvec, self.size, self.dtype, num_iter, num_runs, seed
+        )
 
     def negated(self) -> "CurvatureOperator":
         """The same operator times -1 (its top eigenvalues are this one's bottom ones)."""
