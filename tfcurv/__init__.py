@@ -14,14 +14,14 @@ __version__ = "0.1.0"
 
 from tfcurv import optimizers  # noqa: E402
 from tfcurv.curvature.operators import GaussNewton, Hessian  # noqa: E402
-from tfcurv.training import Model, Sequential, attach  # noqa: E402
+from tfcurv.training import Model, Sequential, attach
 
 __all__ = [
-    "optimizers",
-    "Hessian",
     "GaussNewton",
+    "Hessian",
     "Model",
     "Sequential",
-    "attach",
     "__version__",
+    "attach",
+    "optimizers",
 ]

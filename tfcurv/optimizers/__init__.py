@@ -1,5 +1,6 @@
 """Keras-native optimizers, serializable under the package name ``"tfcurv"``."""
 
 from tfcurv.optimizers.agd import AGD
+from tfcurv.optimizers.sgdph import SGDPH
 
-__all__: list[str] = ["AGD"]
+__all__: list[str] = ["AGD", "SGDPH"]

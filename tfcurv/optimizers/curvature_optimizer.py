@@ -66,13 +66,16 @@ class CurvatureContext:
         gradients: gradients of the unscaled training loss, one per variable.
         hessian_vector_product: ``hvp(vectors, wrt)`` returns ``H v`` restricted to
             the variables ``wrt`` (a sub-list of ``variables``), where ``vectors``
-            has one tensor per entry of ``variables`` (zeros where not needed) and
+            has one entry per entry of ``variables`` (a tensor of its shape, or
+            ``None`` for zero: cheaper than a tensor of zeros) and
             ``H`` is the Hessian of the unscaled training loss of this replica
             (exact through normalisation layers in training mode).
             Reverse-over-reverse on the same forward pass; may be called once per
             step.
-        layer_statistics: captured layer inputs and output gradients, in the order
-            of ``model.layers`` traversal (empty unless the optimizer asked for them).
+        layer_statistics: captured layer inputs and output gradients, one per
+            called layer of a type in ``statistics_layer_types``, in the order
+            the forward pass called them (empty unless the optimizer asked for
+            them). Under mixed precision the output gradients are float32.
     """
 
     variables: Sequence[tf.Variable]

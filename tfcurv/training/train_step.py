@@ -242,8 +242,9 @@ def _context(plan, weight_gradients, outer_tape, statistics, scale) -> Curvature
     scaled_gradients = [weight_gradients[i] for i in plan.indices]
 
     def hessian_vector_product(vectors, wrt):
+        pairs = [(g, v) for g, v in zip(scaled_gradients, vectors) if v is not None]
         products = hessian_vector_product_from_tape(
-            outer_tape, scaled_gradients, vectors, wrt
+            outer_tape, [g for g, _ in pairs], [v for _, v in pairs], wrt
         )
         return [_unscale(p, scale) for p in products]
 
