@@ -297,6 +297,7 @@ class CurvatureOperator:
             self.loss,
             self.variables,
             gauss_newton=isinstance(self, GaussNewton),
+            training=self.training,
         )
         return self.data.weighted_mean(
             lambda batch: estimator.diagonal(*batch, num_samples=num_samples, seed=seed)
