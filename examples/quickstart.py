@@ -60,6 +60,11 @@ CONTENDERS: list[Contender] = [
         lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
     ),
     Contender("tfcurv AGD", lambda: tfcurv.optimizers.AGD(learning_rate=1e-3)),
+    Contender(
+        "tfcurv SGD-PH",
+        lambda: tfcurv.optimizers.SGDPH(learning_rate=0.05, momentum=0.9),
+        needs_train_step=True,
+    ),
 ]
 
 DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "output"
