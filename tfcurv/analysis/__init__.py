@@ -5,6 +5,7 @@ Analysis of Neural Network Weight Matrices", for any Keras model. See
 ``docs/analysis.md`` for a tutorial.
 """
 
+from tfcurv.analysis.monitor import CurvatureMonitor
 from tfcurv.analysis.overlaps import (
     SingularDirections,
     as_rows,
@@ -22,6 +23,17 @@ from tfcurv.analysis.pca import (
     pca,
     update_pca,
 )
+from tfcurv.analysis.reconstruction import (
+    ReconstructionCurve,
+    projected_weights,
+    reconstruction_curve,
+)
+from tfcurv.analysis.spectra import (
+    Eigenpairs,
+    LayerComparison,
+    compare_layers,
+    hessian_eigenpairs,
+)
 from tfcurv.analysis.trajectory import (
     Trajectory,
     TrajectoryBudgetError,
@@ -29,20 +41,28 @@ from tfcurv.analysis.trajectory import (
 )
 
 __all__ = [
+    "CurvatureMonitor",
     "DriftMode",
+    "Eigenpairs",
+    "LayerComparison",
     "PCAResult",
+    "ReconstructionCurve",
     "SingularDirections",
     "Trajectory",
     "TrajectoryBudgetError",
     "WeightTrajectory",
     "as_rows",
     "best_overlap",
+    "compare_layers",
     "drift_mode",
     "drift_ratio",
     "extended_singular_vectors",
+    "hessian_eigenpairs",
     "localisation",
     "overlap_matrix",
     "pca",
+    "projected_weights",
+    "reconstruction_curve",
     "update_pca",
     "weight_alignment",
 ]

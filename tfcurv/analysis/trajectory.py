@@ -270,7 +270,7 @@ def resolve_variables(model: keras.Model, requested: Sequence | None) -> list:
         return list(model.trainable_variables)
     if isinstance(requested, (str, keras.Variable, keras.layers.Layer)):
         requested = [requested]
-    layers_by_name = {layer.name: layer for layer in _all_layers(model)}
+    layers_by_name = {layer.name: layer for layer in all_layers(model)}
     resolved = []
     for item in requested:
         if isinstance(item, keras.layers.Layer):
@@ -300,7 +300,8 @@ def resolve_variables(model: keras.Model, requested: Sequence | None) -> list:
     return list({id(v): v for v in resolved}.values())
 
 
-def _all_layers(model: keras.Model) -> list:
+def all_layers(model: keras.Model) -> list:
+    """Every layer of ``model``, nested models' layers included (breadth first)."""
     layers, stack = [], list(getattr(model, "layers", []))
     while stack:
         layer = stack.pop(0)
