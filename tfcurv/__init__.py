@@ -12,7 +12,7 @@ Public names (see ``docs/api.md``):
 
 __version__ = "0.1.0"
 
-from tfcurv import optimizers  # noqa: E402
+from tfcurv import analysis, optimizers  # noqa: E402
 from tfcurv.curvature.operators import GaussNewton, Hessian  # noqa: E402
 from tfcurv.training import Model, Sequential, attach
 
@@ -22,6 +22,7 @@ __all__ = [
     "Model",
     "Sequential",
     "__version__",
+    "analysis",
     "attach",
     "optimizers",
 ]
