@@ -1,0 +1,68 @@
+"""Every plot renders to a PNG headlessly (Agg backend, set by the test conftest)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from tfcurv.analysis import (
+    LayerComparison,
+    ReconstructionCurve,
+    drift_mode,
+    pca,
+    plots,
+)
+from tfcurv.curvature.density import SpectralDensity
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _save(ax, path):
+    ax.figure.savefig(path)
+    plt.close(ax.figure)
+    assert path.read_bytes()[:8] == _PNG_MAGIC
+
+
+def _states():
+    rng = np.random.default_rng(0)
+    return np.cumsum(rng.standard_normal((30, 8)) + np.eye(8)[0], axis=0)
+
+
+def test_overlap_heatmap(tmp_path):
+    _save(plots.plot_overlap_heatmap(np.random.default_rng(0).random((5, 7)), title="x"), tmp_path / "a.png")
+
+
+def test_drift_and_explained_variance(tmp_path):
+    _save(plots.plot_drift(drift_mode(_states())), tmp_path / "b.png")
+    _save(plots.plot_explained_variance(pca(_states(), 3).explained_variance_ratio, label="w"),
+          tmp_path / "c.png")
+
+
+def test_layer_eigenvalues(tmp_path):
+    comparison = LayerComparison(
+        variable_names=np.array(["k1", "b1"]),
+        network_values=np.array([5.0, 2.0]),
+        layer_values=np.array([[4.0, 1.5], [0.3, np.nan]]),
+        localisation=np.array([[0.9, 0.1], [0.5, 0.5]]),
+        top_overlap=np.ones((2, 2)),
+    )
+    _save(plots.plot_layer_eigenvalues(comparison), tmp_path / "d.png")
+
+
+def test_spectral_density(tmp_path):
+    density = SpectralDensity(nodes=np.array([[0.0, 1.0, 5.0]]), weights=np.array([[0.5, 0.3, 0.2]]))
+    _save(plots.plot_spectral_density(density), tmp_path / "e.png")
+
+
+def test_reconstruction(tmp_path):
+    curve = ReconstructionCurve(
+        counts=np.arange(3), loss=np.array([2.0, 1.0, 0.5]), accuracy=np.array([0.1, 0.5, 0.9]),
+        original_loss=0.5, original_accuracy=0.9,
+    )
+    _save(plots.plot_reconstruction({"Hessian": curve}), tmp_path / "f.png")
+    _save(plots.plot_reconstruction({"Hessian": curve}, metric="loss"), tmp_path / "g.png")
+    with pytest.raises(ValueError, match="metric"):
+        plots.plot_reconstruction({"Hessian": curve}, metric="auc")
