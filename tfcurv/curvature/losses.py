@@ -32,10 +32,38 @@ LossFunction = Callable[..., tf.Tensor]
 _SOFTMAX_CROSSENTROPY = ("categorical_crossentropy", "sparse_categorical_crossentropy")
 
 
-def resolve(loss) -> keras.losses.Loss:
-    """A ``keras.losses.Loss`` that reduces like ``model.compile(loss=...)``."""
-    if isinstance(loss, keras.losses.Loss):
+class _FunctionLoss(keras.losses.Loss):
+    """A per-example loss function, reduced as ``compile`` reduces it."""
+
+    def __init__(self, fn: LossFunction, name: str | None = None, dtype=None):
+        super().__init__(name=name or getattr(fn, "__name__", "loss"), dtype=dtype)
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+def _in_dtype(loss: keras.losses.Loss, dtype: str | None) -> keras.losses.Loss:
+    """``loss`` computing in ``dtype``: a Loss built while floatx was float32 would
+    otherwise round a float64 model's outputs to float32."""
+    if dtype is None or loss.dtype == dtype:
         return loss
+    try:
+        return type(loss).from_config({**loss.get_config(), "dtype": dtype})
+    except (TypeError, ValueError, NotImplementedError):
+        raise ValueError(
+            f"loss computes in {loss.dtype} but the model's variables are {dtype}; "
+            f"build the loss with dtype={dtype!r}"
+        ) from None
+
+
+def resolve(loss, dtype: str | None = None) -> keras.losses.Loss:
+    """A ``keras.losses.Loss`` that reduces like ``model.compile(loss=...)``.
+
+    ``dtype`` (the variables' dtype) is the precision the loss computes in.
+    """
+    if isinstance(loss, keras.losses.Loss):
+        return _in_dtype(loss, dtype)
     if isinstance(loss, str):
         try:
             function = keras.losses.get(loss)
@@ -45,9 +73,9 @@ def resolve(loss) -> keras.losses.Loss:
             ) from None
         if isinstance(function, keras.losses.Loss):
             return function
-        return keras.losses.LossFunctionWrapper(function, name=loss)
+        return _FunctionLoss(function, name=loss, dtype=dtype)
     if callable(loss):
-        return keras.losses.LossFunctionWrapper(loss)
+        return _FunctionLoss(loss, dtype=dtype)
     raise ValueError(
         "loss must be a keras.losses.Loss, a loss name or a callable "
         f"fn(y_true, y_pred); got {type(loss).__name__}"

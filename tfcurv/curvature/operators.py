@@ -114,13 +114,13 @@ class CurvatureOperator:
         if mode not in products.MODES:
             raise ValueError(f"mode must be one of {products.MODES}, got {mode!r}")
         self.model = model
-        self.loss = losses_lib.resolve(loss)
         self.data = data_lib.Data(data, progress)
         self.training = training
         self.mode = mode
         self.variables = select_variables(model, variables)
         self.shapes = [tuple(v.shape) for v in self.variables]
         self.dtype = tf.as_dtype(self.variables[0].dtype)
+        self.loss = losses_lib.resolve(loss, self.dtype.name)
         self.size = sum(vec.sizes(self.shapes))
         self.max_dense_size = _check_positive_int(max_dense_size, "max_dense_size")
         self._compiled_products = tf.function(self._batch_products)
@@ -129,9 +129,16 @@ class CurvatureOperator:
 
     def _outputs_and_regularisation(self, x):
         """Model outputs and ``sum(model.losses)`` from one stateless forward pass."""
-        with exact_second_derivatives(), keras.StatelessScope(collect_losses=True):
+        with exact_second_derivatives(), keras.StatelessScope(collect_losses=True) as scope:
             outputs = self.model(x, training=self.training)
-            regularisation = [tf.cast(l, self.dtype) for l in self.model.losses]
+            # model.losses: add_loss terms of this call and weight penalties (read
+            # here from the variables themselves, which the scope does not map).
+            regularisation = list(scope.losses) + [
+                v.regularizer(v.value)
+                for v in self.model.trainable_variables
+                if getattr(v, "regularizer", None) is not None
+            ]
+        regularisation = [tf.cast(term, self.dtype) for term in regularisation]
         return outputs, tf.add_n(regularisation) if regularisation else None
 
     def _loss(self, x, y, sample_weight) -> tf.Tensor:

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import keras
 import tensorflow as tf
+
+
+def _primals(variables) -> list:
+    """The ``tf.Variable`` s behind Keras variables.
+
+    ``ForwardAccumulator`` rejects Keras variables, and ``tape.gradient`` with
+    ``UnconnectedGradients.ZERO`` fails on them (their ``dtype`` is a string).
+    """
+    return [getattr(v, "value", v) if isinstance(v, keras.Variable) else v for v in variables]
 
 
 def hessian_vector_product_from_tape(
@@ -40,7 +50,7 @@ def hessian_vector_product_from_tape(
             ]
         )
     products = outer_tape.gradient(
-        inner_product, list(wrt), unconnected_gradients=tf.UnconnectedGradients.ZERO
+        inner_product, _primals(wrt), unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
     return [tf.convert_to_tensor(p) for p in products]
 
@@ -51,9 +61,6 @@ OutputsClosure = Callable[[], tf.Tensor]
 MODES = ("reverse_over_reverse", "forward_over_reverse")
 
 
-def _primal(variable) -> tf.Variable:
-    """The ``tf.Variable`` behind a Keras variable (``ForwardAccumulator`` rejects Keras')."""
-    return getattr(variable, "value", variable)
 
 
 def hessian_vector_products(
@@ -75,14 +82,14 @@ def hessian_vector_products(
             with tf.GradientTape() as inner_tape:
                 loss = loss_fn()
             gradients = inner_tape.gradient(
-                loss, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+                loss, _primals(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
         return [
             hessian_vector_product_from_tape(outer_tape, gradients, v, variables)
             for v in vectors
         ]
     if mode == "forward_over_reverse":
-        primals = [_primal(v) for v in variables]
+        primals = _primals(variables)
         products = []
         for v in vectors:
             tangents = [tf.cast(t, p.dtype) for t, p in zip(v, primals)]
@@ -127,7 +134,7 @@ class _Linearisation:
     """
 
     def __init__(self, outputs_fn: OutputsClosure, variables, num_vectors: int):
-        self.variables = list(variables)
+        self.variables = _primals(variables)
         with tf.GradientTape(persistent=True) as self._tape:
             self.outputs = outputs_fn()
         self.flat_outputs = tf.nest.flatten(self.outputs)
