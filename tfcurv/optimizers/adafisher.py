@@ -32,7 +32,6 @@ from tfcurv.optimizers.curvature_optimizer import CurvatureContext, CurvatureOpt
 from tfcurv.optimizers.hyperparameters import check_range, constant
 
 logger = logging.getLogger("tfcurv")
-_JIT = True
 
 
 def _factor_sizes(shape) -> tuple[int, int]:
@@ -132,45 +131,42 @@ class _AdaFisherBase(CurvatureOptimizer):
         return ops.equal(ops.mod(self.iterations, self.update_freq), 0)
 
     def compute_curvature(self, context: CurvatureContext):
-        """Raw factor vectors ``[h_0, s_0, h_1, s_1, ...]`` of this replica on
-        statistics steps (zeros otherwise), mean-reduced across replicas."""
+        """This replica's batch sums of every preconditioned layer (three tensors
+        per layer, see :func:`kronecker_statistics.batch_sums`) on statistics
+        steps, zeros on the other steps; sum-reduced across replicas."""
         self._pair_variables(context)
         layouts = self._layouts
         if not layouts:
             return [], []
         statistics = {id(s.layer): s for s in context.layer_statistics}
-        inputs = [statistics[id(lay.layer)].inputs for lay in layouts]
-        gradients = [statistics[id(lay.layer)].output_gradients for lay in layouts]
-        dtypes = [lay.parts[0].variable.dtype for lay in layouts]
+        inputs = [statistics[id(layout.layer)].inputs for layout in layouts]
         gradients = [
-            tf.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients)
+            tf.zeros_like(x) if g is None else g
+            for x, g in zip(
+                inputs, (statistics[id(lay.layer)].output_gradients for lay in layouts)
+            )
         ]
 
-        @tf.function(jit_compile=_JIT)
-        def raw_statistics(inputs, gradients):
-            values = []
-            for layout, x, g, dtype in zip(layouts, inputs, gradients, dtypes):
-                values += ks.raw_factors(layout, x, g, dtype)
-            return values
-
-        def skip():
+        def sums(inputs, gradients):
             return [
-                tf.zeros((size,), dtype)
-                for lay, dtype in zip(layouts, dtypes)
-                for size in (
-                    lay.h_size,
-                    self._output_factors[self._index(lay)].shape[0],
-                )
+                total
+                for layout, x, g in zip(layouts, inputs, gradients)
+                for total in ks.batch_sums(layout, x, g, layout.parts[0].variable.dtype)
             ]
 
+        def skip():  # the same sums over an empty batch: zeros of the right shapes
+            return sums([x[:0] for x in inputs], [g[:0] for g in gradients])
+
         values = ops.cond(
-            self._statistics_due(), lambda: raw_statistics(inputs, gradients), skip
+            self._statistics_due(),
+            lambda: tf.function(sums, jit_compile=True)(inputs, gradients),
+            skip,
         )
-        return list(values), ["mean"] * len(values)
+        return list(values), ["sum"] * len(values)
 
     def store_curvature(self, values):
-        """Min-max normalise the fresh factors and fold them into the EMA, on
-        statistics steps only; the state is left unchanged on other steps."""
+        """Turn the global batch sums into the official factors, min-max normalise
+        them and fold them into the EMA, on statistics steps only."""
         layouts = self._layouts
         if not layouts:
             return
@@ -182,21 +178,22 @@ class _AdaFisherBase(CurvatureOptimizer):
         current = [t for pair in slots for t in (pair[0].value, pair[1].value)]
         keep, forget = self._ema_weights()
 
-        @tf.function(jit_compile=_JIT)
+        @tf.function(jit_compile=True)
         def normalize_and_average(current, values):
             updated, position = [], 0
-            for layout, h, s in zip(layouts, values[0::2], values[1::2]):
+            for number, layout in enumerate(layouts):
+                h, s = ks.factors_from_sums(layout, values[3 * number : 3 * number + 3])
                 h_hat, s_hat = ks.min_max_normalize(h), ks.min_max_normalize(s)
                 for part in layout.parts:
                     h_old, s_old = current[position], current[position + 1]
-                    dtype = h_old.dtype
-                    updated.append(
-                        h_old * constant(keep, dtype)
-                        + constant(forget, dtype) * h_hat[part.start : part.stop]
+                    keep_, forget_ = (
+                        constant(keep, h_old.dtype),
+                        constant(forget, h_old.dtype),
                     )
                     updated.append(
-                        s_old * constant(keep, dtype) + constant(forget, dtype) * s_hat
+                        h_old * keep_ + forget_ * h_hat[part.start : part.stop]
                     )
+                    updated.append(s_old * keep_ + forget_ * s_hat)
                     position += 2
             return updated
 

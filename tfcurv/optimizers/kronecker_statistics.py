@@ -12,7 +12,9 @@ Keras layouts:
 
 * :func:`factor_layout` decides whether a layer is supported and which slice of
   ``H`` belongs to which of its variables;
-* :func:`raw_factors` computes the fresh ``(h, s)`` of one step;
+* :func:`batch_sums` and :func:`factors_from_sums` compute the fresh ``(h, s)``
+  of one step, split at the all-reduce across replicas so that several
+  replicas give the statistics of the whole batch;
 * :func:`min_max_normalize` is the official normalisation (``+1e-6``).
 
 Deliberate differences from the official code (documented in
@@ -101,21 +103,47 @@ def _normalization_layout(layer, kind: str) -> FactorLayout:
     return FactorLayout(layer, kind, 2, tuple(parts))
 
 
-def raw_factors(layout: FactorLayout, inputs, output_gradients, dtype) -> tuple:
-    """This step's raw ``(h, s)`` for one layer (before min-max normalisation).
+def batch_sums(layout: FactorLayout, inputs, output_gradients, dtype) -> list:
+    """This replica's sums from which :func:`factors_from_sums` builds ``(h, s)``.
 
-    ``inputs`` is what the layer received, ``output_gradients`` the gradient of
-    the mean training loss with respect to its pre-activation output.
+    Every returned tensor is a sum over this replica's samples, so summing them
+    across replicas gives exactly the sums of the whole global batch; the
+    non-linear steps (squares of sums, divisions by the batch size) come after
+    that reduction. ``output_gradients`` is the gradient of the mean training
+    loss with respect to the layer's pre-activation output.
     """
     x = tf.cast(inputs, dtype)
     g = tf.cast(output_gradients, dtype)
     compute = {
-        "dense": _dense_factors,
-        "conv2d": _conv2d_factors,
-        "batch_norm": _batch_norm_factors,
-        "layer_norm": _layer_norm_factors,
+        "dense": _dense_sums,
+        "conv2d": _conv2d_sums,
+        "batch_norm": _batch_norm_sums,
+        "layer_norm": _layer_norm_sums,
     }[layout.kind]
     return compute(layout.layer, x, g)
+
+
+def factors_from_sums(layout: FactorLayout, sums) -> tuple:
+    """The official raw ``(h, s)`` of one layer (before min-max normalisation)."""
+    layer = layout.layer
+    if layout.kind == "dense":
+        # Rows R = all leading dims; h_j = sum_r [x, 1]_rj^2 / R, s_i = sum_r G_ri^2 / R.
+        x_squares, g_squares, rows = sums
+        h = _append_bias_entry(x_squares, rows, layer.bias is not None)
+        return h / rows, g_squares / rows
+    if layout.kind == "conv2d":
+        # Rows: one per (sample, group, output position); the official normaliser
+        # is batch * (output positions * d), where the factor `d` is a quirk.
+        x_squares, g_squares, positions = sums
+        patch_length = layout.h_size - (layer.bias is not None)
+        h = _append_bias_entry(
+            x_squares, positions * layer.groups, layer.bias is not None
+        )
+        return h / (positions * patch_length), g_squares / positions
+    # BatchNorm / LayerNorm: h = [sum u^2, len(u)] / B^2, s = (sum G)^2 / B.
+    u, g_sum, batch = sums
+    h = tf.stack([tf.reduce_sum(u * u), tf.cast(tf.size(u), u.dtype)]) / (batch * batch)
+    return h, g_sum * g_sum / batch
 
 
 def _append_bias_entry(sum_of_squares, bias_entry, has_bias: bool):
@@ -124,25 +152,21 @@ def _append_bias_entry(sum_of_squares, bias_entry, has_bias: bool):
     return tf.concat([sum_of_squares, tf.reshape(bias_entry, (1,))], axis=0)
 
 
-def _dense_factors(layer, x, g):
-    # Rows R = all leading dims; h_j = sum_r [x, 1]_rj^2 / R, s_i = sum_r G_ri^2 / R.
+def _count(tensor, axes) -> tf.Tensor:
+    return tf.cast(tf.reduce_prod(tf.gather(tf.shape(tensor), axes)), tensor.dtype)
+
+
+def _dense_sums(layer, x, g):
     x = tf.reshape(x, (-1, x.shape[-1]))
     g = tf.reshape(g, (-1, g.shape[-1]))
-    rows = tf.cast(tf.shape(x)[0], x.dtype)
-    h = _append_bias_entry(tf.reduce_sum(x * x, axis=0), rows, layer.bias is not None)
-    return h / rows, tf.reduce_sum(g * g, axis=0) / rows
+    return [tf.reduce_sum(x * x, axis=0), tf.reduce_sum(g * g, axis=0), _count(x, [0])]
 
 
-def _conv2d_factors(layer, x, g):
+def _conv2d_sums(layer, x, g):
     if layer.data_format == "channels_first":
         x = tf.transpose(x, (0, 2, 3, 1))
         g = tf.transpose(g, (0, 2, 3, 1))
     kh, kw = layer.kernel_size
-    channels = x.shape[-1]
-    groups = layer.groups
-    patch_length = channels // groups * kh * kw  # the official `d`
-    batch = tf.cast(tf.shape(x)[0], x.dtype)
-    out_positions = tf.cast(tf.shape(g)[1] * tf.shape(g)[2], x.dtype)
     # Patches only select (zero-padded) pixels, so the sum over the batch of the
     # squared patches is the patches of the batch-summed squares: one image.
     squares = tf.reduce_sum(x * x, axis=0, keepdims=True)
@@ -154,41 +178,29 @@ def _conv2d_factors(layer, x, g):
         padding=layer.padding.upper(),
     )  # (1, out_h, out_w, kh * kw * channels), in (kh, kw, channel) order
     per_offset = tf.reshape(
-        tf.reduce_sum(patches, axis=(0, 1, 2)), (kh, kw, groups, -1)
+        tf.reduce_sum(patches, axis=(0, 1, 2)), (kh, kw, layer.groups, -1)
     )
     # Each group's patch is one more row of the official (rows, d) matrix.
-    sum_of_squares = tf.reshape(tf.reduce_sum(per_offset, axis=2), (-1,))
-    bias_entry = batch * out_positions * groups  # the ones column
-    h = _append_bias_entry(sum_of_squares, bias_entry, layer.bias is not None)
-    # The official normaliser is batch * (out positions * d): `d` is a quirk.
-    h = h / (batch * out_positions * patch_length)
-    s = tf.reduce_sum(g * g, axis=(0, 1, 2)) / (batch * out_positions)
-    return h, s
+    x_squares = tf.reshape(tf.reduce_sum(per_offset, axis=2), (-1,))
+    return [x_squares, tf.reduce_sum(g * g, axis=(0, 1, 2)), _count(g, [0, 1, 2])]
 
 
-def _batch_norm_factors(layer, x, g):
-    channel_axis = layer.axis % 4
-    other_axes = [a for a in range(4) if a != channel_axis]
-    spatial_axes = [a for a in other_axes if a != 0]
-    batch = tf.cast(tf.shape(x)[0], x.dtype)
-    spatial = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), spatial_axes)), x.dtype)
+def _batch_norm_sums(layer, x, g):
+    # u_c = sum_{n,y,x} x / (H W)^2 (BatchNorm2d on a rank-4 input).
+    other_axes = [a for a in range(4) if a != layer.axis % 4]
+    spatial = _count(x, other_axes[1:])
     u = tf.reduce_sum(x, axis=other_axes) / (spatial * spatial)
-    h = tf.stack([tf.reduce_sum(u * u), tf.cast(tf.size(u), x.dtype)]) / (batch * batch)
-    s_sum = tf.reduce_sum(g, axis=other_axes)
-    return h, s_sum * s_sum / batch
+    return [u, tf.reduce_sum(g, axis=other_axes), _count(x, [0])]
 
 
-def _layer_norm_factors(layer, x, g):
-    # Literally the official LayerNorm branch: H reduces over every dim except
-    # dim 1 (whatever that axis is), S over every dim except the last.
+def _layer_norm_sums(layer, x, g):
+    # Literally the official LayerNorm branch: u reduces over every dim except
+    # dim 1 (whatever that axis is) and is divided by the square of the product
+    # of the reduced sizes other than the batch; S sums G over all but the last.
     rank = len(x.shape)
-    reduced = [a for a in range(rank) if a != 1]
-    batch = tf.cast(tf.shape(x)[0], x.dtype)
-    norm = tf.cast(tf.reduce_prod(tf.shape(x)[2:]), x.dtype)
-    u = tf.reduce_sum(x, axis=reduced) / (norm * norm)
-    h = tf.stack([tf.reduce_sum(u * u), tf.cast(tf.size(u), x.dtype)]) / (batch * batch)
-    s_sum = tf.reduce_sum(g, axis=list(range(rank - 1)))
-    return h, s_sum * s_sum / batch
+    norm = _count(x, list(range(2, rank))) if rank > 2 else tf.ones((), x.dtype)
+    u = tf.reduce_sum(x, axis=[a for a in range(rank) if a != 1]) / (norm * norm)
+    return [u, tf.reduce_sum(g, axis=list(range(rank - 1))), _count(x, [0])]
 
 
 def min_max_normalize(vector):
