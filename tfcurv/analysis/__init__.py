@@ -1,10 +1,14 @@
 """Training analysis: weight trajectories, PCA, Hessian overlaps, callbacks, plots.
 
 The measurements of Haink (2023), "Hessian Eigenvectors and Principal Component
-Analysis of Neural Network Weight Matrices", for any Keras model. See
-``docs/analysis.md`` for a tutorial.
+Analysis of Neural Network Weight Matrices", for any Keras model, as callbacks
+(:class:`WeightTrajectory`, :class:`CurvatureMonitor`), functions returning plain
+dataclasses of numpy arrays (each with ``save``/``load`` to ``.npz``), and
+matplotlib figures (:mod:`tfcurv.analysis.plots`, matplotlib imported only when
+a figure is drawn). See ``docs/analysis.md`` for a tutorial.
 """
 
+from tfcurv.analysis import plots
 from tfcurv.analysis.monitor import CurvatureMonitor
 from tfcurv.analysis.overlaps import (
     SingularDirections,
@@ -61,6 +65,7 @@ __all__ = [
     "localisation",
     "overlap_matrix",
     "pca",
+    "plots",
     "projected_weights",
     "reconstruction_curve",
     "update_pca",
