@@ -50,7 +50,29 @@ CASES = [
             "decoupled_weight_decay": FLAG,
             "fixed_decay": FLAG,
             "bias_correction_dtype": Choice((None, "float32", "float64")),
+            "fused": FLAG,
         },
+    ),
+    *(
+        OptimizerCase(
+            name=name,
+            factory=factory,
+            converging_kwargs={"learning_rate": 1e-3, "update_freq": 3},
+            hyperparameter_ranges={
+                "learning_rate": NON_NEGATIVE,
+                "beta": UNIT_INTERVAL_OPEN_ABOVE,
+                "damping": POSITIVE,
+                "gamma": UNIT_INTERVAL_OPEN_ABOVE,
+                "update_freq": Interval(1, None, integer=True),
+                "weight_decay": NON_NEGATIVE,
+                "normalized_ema": FLAG,
+            },
+            needs_tfcurv_step=True,
+        )
+        for name, factory in (
+            ("AdaFisher", tfcurv.optimizers.AdaFisher),
+            ("AdaFisherW", tfcurv.optimizers.AdaFisherW),
+        )
     ),
 ]
 
