@@ -94,11 +94,17 @@ def _check_layer(layer, training: bool) -> None:
     raise _unsupported(layer, "no curvature-propagation rule for this layer type")
 
 
+def _is_functional(model) -> bool:
+    """A model built from its graph (``keras.Model(inputs, outputs)``), ``call`` not overridden."""
+    functional = [c for c in type(model).__mro__ if c.__name__ == "Functional"]
+    return bool(functional) and type(model).call is functional[0].call
+
+
 def leaf_layers(model: keras.Model, training: bool) -> list:
     """The model's layers (nested models expanded), each checked to be supported."""
     if isinstance(model, keras.Sequential):
         operations = model.layers
-    elif hasattr(model, "operations") and type(model).call is keras.Model.call:
+    elif _is_functional(model):
         operations = model.operations  # a Functional model: its whole graph
     else:
         raise ValueError(
