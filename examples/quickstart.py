@@ -65,6 +65,11 @@ CONTENDERS: list[Contender] = [
         lambda: tfcurv.optimizers.SGDPH(learning_rate=0.05, momentum=0.9),
         needs_train_step=True,
     ),
+    Contender(
+        "tfcurv AdaFisher",
+        lambda: tfcurv.optimizers.AdaFisher(learning_rate=1e-3),
+        needs_train_step=True,
+    ),
 ]
 
 DEFAULT_OUTPUT = pathlib.Path(__file__).resolve().parent / "output"
