@@ -88,6 +88,7 @@ def _torch_order_input_factor(layer, variables_by_name, step):
     return np.concatenate([gamma["H"], beta["H"]]), gamma["S"]
 
 
+@pytest.mark.slow
 @pytest.mark.fixtures
 @pytest.mark.parametrize("name", FIXTURES)
 def test_reproduces_the_official_trajectory(name, reference_dir):
