@@ -363,6 +363,7 @@ def _train(model, optimizer, steps=4):
     model.fit(x, y, batch_size=8, shuffle=False, epochs=1, verbose=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "style", ["sequential", "functional", "subclassed", "attached_subclassed"]
 )
