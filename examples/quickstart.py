@@ -5,7 +5,7 @@ Trains the same small CNN from the same initial weights with each optimizer in
 (test accuracy, median time per training step) and saves the training-loss
 curves to ``<output>/loss_curves.png``.
 
-    python examples/quickstart.py                 # about two minutes on 2 CPU cores
+    python examples/quickstart.py                 # one to two minutes on 2 CPU cores
     python examples/quickstart.py --quick         # a few seconds: smoke run
     python examples/quickstart.py --only Adam AGD # a subset, by name
 
@@ -281,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
 
     table = format_table(results)
     print(table)
+    print(
+        "(ms / step: median wall time of one run; "
+        "benchmarks/step_time.py measures ratios with alternating runs)"
+    )
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text(table + "\n")
     plot_losses(results, args.output / "loss_curves.png")

@@ -30,23 +30,12 @@ FIXED_PUBLIC_NAMES = {
     "tfcurv.optimizers": ["AGD", "AdaFisher", "AdaFisherW", "SGDPH"],
     "tfcurv.analysis": ["WeightTrajectory", "CurvatureMonitor"],
 }
-# Names whose issue has not landed yet: strict xfail, so the marker must go
-# the moment the name appears.
-PENDING: dict[str, str] = {
-    "tfcurv.analysis": "tfcurv/__init__.py does not import tfcurv.analysis yet (issue 6)",
-    "tfcurv.optimizers.AdaFisher": "AdaFisher has not landed yet (issue 5)",
-    "tfcurv.optimizers.AdaFisherW": "AdaFisherW has not landed yet (issue 5)",
-}
 
 
 def _public_name_cases():
     for module, names in FIXED_PUBLIC_NAMES.items():
         for name in names:
-            qualified = f"{module}.{name}"
-            marks = ()
-            if qualified in PENDING:
-                marks = pytest.mark.xfail(reason=PENDING[qualified], strict=True)
-            yield pytest.param(module, name, id=qualified, marks=marks)
+            yield pytest.param(module, name, id=f"{module}.{name}")
 
 
 @pytest.mark.parametrize(("module_name", "name"), _public_name_cases())
