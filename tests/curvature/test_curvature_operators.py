@@ -177,3 +177,19 @@ def test_bad_constructor_arguments_raise():
         Hessian(model, _logits_loss(), _data(), variables=[tf.Variable(1.0)])
     with pytest.raises(ValueError, match="mode"):
         Hessian(model, _logits_loss(), _data(), mode="forward")
+
+
+def test_layerwise_summary_matches_the_blocks_of_the_dense_hessian():
+    from tfcurv.curvature.layerwise import layerwise_summary
+
+    model = _mlp()
+    full = Hessian(model, _logits_loss(), _data()).dense()
+    rows = layerwise_summary(model, _logits_loss(), _data(), trace_method="exact", tol=1e-10)
+    assert [r["layer"] for r in rows] == [model.layers[0].name, model.layers[-1].name]
+    start = 0
+    for row in rows:
+        block = full[start : start + row["parameters"], start : start + row["parameters"]]
+        assert row["trace"] == pytest.approx(np.trace(block), rel=1e-10)
+        assert row["top_eigenvalue"] == pytest.approx(np.linalg.eigvalsh(block)[-1], rel=1e-8)
+        start += row["parameters"]
+    assert start == full.shape[0]
