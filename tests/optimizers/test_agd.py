@@ -228,11 +228,14 @@ def run_agd_on_quadratic(optimizer, theta0, steps):
     ],
     ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()) or "default",
 )
-def test_matches_numpy_transcription_of_official_update(options):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_matches_numpy_transcription_of_official_update(options, fused):
     keras.config.set_floatx("float64")
     theta0 = np.array([1.0, -2.0, 0.5, 0.25, 1e-3])
     steps = 8
-    actual = run_agd_on_quadratic(AGD(learning_rate=0.05, **options), theta0, steps)
+    actual = run_agd_on_quadratic(
+        AGD(learning_rate=0.05, fused=fused, **options), theta0, steps
+    )
     numpy_options = {
         "amsgrad": options.get("amsgrad", False),
         "clip": options.get("clip"),
@@ -374,13 +377,14 @@ def test_get_config_holds_every_constructor_argument():
         decoupled_weight_decay=False,
         fixed_decay=True,
         bias_correction_dtype="float32",
+        fused=False,
         name="my_agd",
         clipnorm=1.0,
     )
     config = optimizer.get_config()
     own = set(inspect.signature(AGD.__init__).parameters) - {"self", "kwargs"}
     assert own <= set(config)
-    assert config["bias_correction_dtype"] == "float32"
+    assert config["bias_correction_dtype"] == "float32" and config["fused"] is False
     assert config["name"] == "my_agd" and config["clipnorm"] == 1.0
     restored = AGD.from_config(config)
     assert restored.get_config() == config
@@ -398,6 +402,7 @@ def test_get_config_holds_every_constructor_argument():
         ("amsgrad", 1, "True or False"),
         ("decoupled_weight_decay", "yes", "True or False"),
         ("fixed_decay", None, "True or False"),
+        ("fused", "no", "True or False"),
         ("bias_correction_dtype", "float16", "(None, 'float32', 'float64')"),
     ],
 )

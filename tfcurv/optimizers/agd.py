@@ -21,7 +21,7 @@ Where ``√b̂`` falls below ``δ`` a coordinate takes SGD-with-momentum steps
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -33,14 +33,63 @@ from tfcurv.optimizers.hyperparameters import check_range, constant
 BIAS_CORRECTION_DTYPES = (None, "float32", "float64")
 
 
-@dataclasses.dataclass(frozen=True)
-class _StepScalars:
-    """The per-step scalars of the update, in the variable's dtype."""
+class Coefficients(NamedTuple):
+    """Scalars of one AGD step for one variable, in the variable's dtype.
 
+    ``None`` marks an absent option (it selects a different computation).
+    """
+
+    beta_1: tf.Tensor
+    one_minus_beta_1: tf.Tensor
+    beta_2: tf.Tensor
+    one_minus_beta_2: tf.Tensor
     inverse_bias_correction_1: tf.Tensor  # 1 / (1 − β1^t)
     inverse_previous_bias_correction_1: tf.Tensor  # 1 / (1 − β1^(t−1)); 0 at t = 1
     denominator_floor: tf.Tensor  # δ·√(1 − β2^t)
     step_size: tf.Tensor  # lr·√(1 − β2^t) / (1 − β1^t)
+    parameter_decay_factor: tf.Tensor | None = None  # decoupled: 1 − lr·wd or 1 − wd
+    gradient_decay: tf.Tensor | None = None  # coupled: wd
+    clip: tf.Tensor | None = None
+
+
+def agd_arithmetic(parameters, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
+    """The official update of one tensor, as a pure function.
+
+    Returns the new ``(parameters, exp_avg, exp_avg_sq, max_exp_avg_sq)``
+    (the last is ``None`` without amsgrad). Operations and their order follow
+    the official code, so float64 results agree with it to rounding.
+    """
+    if c.gradient_decay is not None:
+        gradient = gradient + c.gradient_decay * parameters
+    if c.parameter_decay_factor is not None:
+        parameters = parameters * c.parameter_decay_factor
+    new_exp_avg = exp_avg * c.beta_1 + c.one_minus_beta_1 * gradient
+    difference = (
+        new_exp_avg * c.inverse_bias_correction_1
+        - exp_avg * c.inverse_previous_bias_correction_1
+    )
+    new_exp_avg_sq = (
+        exp_avg_sq * c.beta_2 + (c.one_minus_beta_2 * difference) * difference
+    )
+    second_moment = new_exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq = second_moment = tf.maximum(max_exp_avg_sq, new_exp_avg_sq)
+    direction = new_exp_avg / tf.maximum(tf.sqrt(second_moment), c.denominator_floor)
+    if c.clip is not None:
+        direction = tf.clip_by_value(direction, -c.clip, c.clip)
+    return (
+        parameters - c.step_size * direction,
+        new_exp_avg,
+        new_exp_avg_sq,
+        max_exp_avg_sq,
+    )
+
+
+#: :func:`agd_arithmetic` compiled by XLA into one fused loop per variable shape.
+#: Unfused, each of its ~15 elementwise operations is one pass over memory.
+fused_agd_arithmetic = tf.function(
+    agd_arithmetic, jit_compile=True, reduce_retracing=True
+)
 
 
 @keras.saving.register_keras_serializable(package="tfcurv")
@@ -73,6 +122,9 @@ class AGD(keras.optimizers.Optimizer):
             the variable's dtype, as the official code does when PyTorch's
             default dtype is float32 (its step counter is a float32 tensor)
             while the model is float64.
+        fused: compile each variable's elementwise update with XLA into one
+            loop (default). ``False`` runs the same operations as separate
+            TensorFlow kernels (slower; for platforms without XLA).
         **kwargs: the Keras optimizer arguments (``name``, ``clipnorm``,
             ``global_clipnorm``, ``clipvalue``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -97,6 +149,7 @@ class AGD(keras.optimizers.Optimizer):
         decoupled_weight_decay: bool = True,
         fixed_decay: bool = False,
         bias_correction_dtype: str | None = None,
+        fused: bool = True,
         name: str = "agd",
         **kwargs,
     ):
@@ -134,6 +187,7 @@ class AGD(keras.optimizers.Optimizer):
                 f"bias_correction_dtype={bias_correction_dtype!r}"
             )
         self.bias_correction_dtype = bias_correction_dtype
+        self.fused = _check_bool("fused", fused)
 
     def build(self, var_list):
         """Create the slots ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``)."""
@@ -170,74 +224,44 @@ class AGD(keras.optimizers.Optimizer):
         """
 
     def update_step(self, gradient, variable, learning_rate):
-        """One AGD step for one variable (official order of operations)."""
+        """One AGD step for one variable."""
         dtype = variable.dtype
         index = self._get_variable_index(variable)
-        exp_avg = self._exp_avgs[index]
-        exp_avg_sq = self._exp_avg_sqs[index]
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)  # sums duplicate indices
-        gradient = ops.cast(gradient, dtype)
-        learning_rate = ops.cast(learning_rate, dtype)
-        scalars = self._step_scalars(learning_rate, dtype)
-
-        theta = variable
-        if self._decays_variable[index]:
-            weight_decay = constant(self.weight_decay, dtype)
-            if not self.decoupled_weight_decay:
-                gradient = gradient + weight_decay * variable
-            elif self.fixed_decay:
-                theta = variable * constant(1.0 - self.weight_decay, dtype)
-            else:
-                theta = variable * (1.0 - learning_rate * weight_decay)
-
-        beta_1 = constant(self.beta_1, dtype)
-        beta_2 = constant(self.beta_2, dtype)
-        previous_exp_avg = ops.convert_to_tensor(exp_avg)
-        new_exp_avg = (
-            previous_exp_avg * beta_1 + constant(1.0 - self.beta_1, dtype) * gradient
-        )
-        difference = (
-            new_exp_avg * scalars.inverse_bias_correction_1
-            - previous_exp_avg * scalars.inverse_previous_bias_correction_1
-        )
-        new_exp_avg_sq = (
-            exp_avg_sq * beta_2
-            + (constant(1.0 - self.beta_2, dtype) * difference) * difference
-        )
-        self.assign(exp_avg, new_exp_avg)
-        self.assign(exp_avg_sq, new_exp_avg_sq)
+        slots = [self._exp_avgs[index], self._exp_avg_sqs[index]]
         if self.amsgrad:
-            max_exp_avg_sq = self._max_exp_avg_sqs[index]
-            new_exp_avg_sq = ops.maximum(max_exp_avg_sq, new_exp_avg_sq)
-            self.assign(max_exp_avg_sq, new_exp_avg_sq)
-
-        direction = new_exp_avg / ops.maximum(
-            ops.sqrt(new_exp_avg_sq), scalars.denominator_floor
+            slots.append(self._max_exp_avg_sqs[index])
+        arithmetic = fused_agd_arithmetic if self.fused else agd_arithmetic
+        new_parameters, *new_slots = arithmetic(
+            tf.convert_to_tensor(variable),
+            ops.cast(gradient, dtype),
+            *(tf.convert_to_tensor(slot) for slot in slots),
+            *([] if self.amsgrad else [None]),
+            self._coefficients(ops.cast(learning_rate, dtype), dtype, index),
         )
-        if self.clip is not None:
-            clip = constant(self.clip, dtype)
-            direction = ops.clip(direction, -clip, clip)
-        self.assign(variable, theta - scalars.step_size * direction)
+        for slot, value in zip(slots, new_slots):
+            self.assign(slot, value)
+        self.assign(variable, new_parameters)
 
-    def _step_scalars(self, learning_rate, dtype) -> _StepScalars:
-        """Bias corrections and step size of this step, in ``dtype``.
+    def _coefficients(self, learning_rate, dtype, index) -> Coefficients:
+        """The scalars of this step for variable ``index``, in ``dtype``.
 
-        Computed in ``bias_correction_dtype`` (default ``dtype``) and then
-        converted, as the official code computes them in its step counter's
-        dtype and applies them to the parameter's.
+        Bias corrections, the δ floor and the step size are computed in
+        ``bias_correction_dtype`` (default ``dtype``) and then converted, as the
+        official code computes them in its step counter's dtype and applies
+        them to the parameter's.
         """
         compute_dtype = self.bias_correction_dtype or dtype
         step = ops.cast(self.iterations + 1, compute_dtype)
         one = constant(1.0, compute_dtype)
-        bias_correction_1 = one - ops.power(constant(self.beta_1, compute_dtype), step)
-        previous_bias_correction_1 = one - ops.power(
-            constant(self.beta_1, compute_dtype), step - one
-        )
+        beta_1 = constant(self.beta_1, compute_dtype)
+        bias_correction_1 = one - ops.power(beta_1, step)
+        previous_bias_correction_1 = one - ops.power(beta_1, step - one)
         sqrt_bias_correction_2 = ops.sqrt(
             one - ops.power(constant(self.beta_2, compute_dtype), step)
         )
-        scalars = (
+        step_scalars = (
             one / bias_correction_1,
             # 1 / (1 − β1^0) is 1/0: the t = 1 difference has no previous term.
             tf.math.divide_no_nan(one, previous_bias_correction_1),
@@ -246,7 +270,26 @@ class AGD(keras.optimizers.Optimizer):
             * sqrt_bias_correction_2
             / bias_correction_1,
         )
-        return _StepScalars(*(ops.cast(s, dtype) for s in scalars))
+        parameter_decay_factor = gradient_decay = None
+        if self._decays_variable[index]:
+            if not self.decoupled_weight_decay:
+                gradient_decay = constant(self.weight_decay, dtype)
+            elif self.fixed_decay:
+                parameter_decay_factor = constant(1.0 - self.weight_decay, dtype)
+            else:
+                parameter_decay_factor = 1.0 - learning_rate * constant(
+                    self.weight_decay, dtype
+                )
+        return Coefficients(
+            constant(self.beta_1, dtype),
+            constant(1.0 - self.beta_1, dtype),
+            constant(self.beta_2, dtype),
+            constant(1.0 - self.beta_2, dtype),
+            *(ops.cast(s, dtype) for s in step_scalars),
+            parameter_decay_factor=parameter_decay_factor,
+            gradient_decay=gradient_decay,
+            clip=None if self.clip is None else constant(self.clip, dtype),
+        )
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -260,6 +303,7 @@ class AGD(keras.optimizers.Optimizer):
                 "decoupled_weight_decay": self.decoupled_weight_decay,
                 "fixed_decay": self.fixed_decay,
                 "bias_correction_dtype": self.bias_correction_dtype,
+                "fused": self.fused,
             }
         )
         return config
