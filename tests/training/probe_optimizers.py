@@ -49,8 +49,9 @@ class HVPProbe(_PlainSGD):
 
 
 class StatisticsProbe(_PlainSGD):
-    """Stores, per Dense layer, the column sums of its output gradient and the
-    column means of its input (slots made from the Dense kernels, in order)."""
+    """Stores, per Dense layer, the column sums of its squared output gradient
+    and the column means of its squared input (slots made from the Dense
+    kernels, in order)."""
 
     statistics_layer_types = (keras.layers.Dense,)
 
@@ -66,12 +67,11 @@ class StatisticsProbe(_PlainSGD):
     def compute_curvature(self, context):
         values, reductions = [], []
         for statistics in context.layer_statistics:
-            gradients = tf.cast(statistics.output_gradients, "float32")
-            values.append(tf.reduce_sum(gradients, 0))
-            values.append(tf.reduce_mean(tf.cast(statistics.inputs, "float32"), 0))
+            values.append(tf.reduce_sum(tf.square(statistics.output_gradients), 0))
+            values.append(tf.reduce_mean(tf.square(statistics.inputs), 0))
             reductions += ["sum", "mean"]
         return values, reductions
 
     def store_curvature(self, values):
         for slot, value in zip(self.stored, values):
-            slot.assign(value)
+            slot.assign(tf.cast(value, slot.dtype))

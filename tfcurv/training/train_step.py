@@ -173,6 +173,7 @@ def curvature_train_step(model: keras.Model, data):
 
     Same arguments and return value as ``keras.Model.train_step``.
     """
+    _check_jit_compile(model)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     optimizer = model.optimizer
     wanted = curvature_optimizers(optimizer)
@@ -236,6 +237,18 @@ def curvature_train_step(model: keras.Model, data):
 
     optimizer.apply_gradients(zip(weight_gradients, variables))
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _check_jit_compile(model: keras.Model) -> None:
+    """Refuse ``jit_compile=True`` with several replicas, which Keras cannot run."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if model.jit_compile and replicas > 1:
+        raise ValueError(
+            "`jit_compile=True` is not supported under a distribution strategy "
+            f"with several replicas (here {replicas}): Keras' own `fit` fails "
+            "there too, with any optimizer. Compile with `jit_compile=False` "
+            "(Keras' default under a strategy)."
+        )
 
 
 def _context(plan, weight_gradients, outer_tape, statistics, scale) -> CurvatureContext:
