@@ -1,8 +1,10 @@
 """The package as users meet it: public names, version, typing marker, README."""
 
+import ast
 import configparser
 import importlib
 import importlib.metadata
+import inspect
 import pathlib
 import re
 import subprocess
@@ -142,3 +144,17 @@ def test_documentation_builds_without_warnings(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-5000:]
     assert (tmp_path / "html" / "generated" / "tfcurv.optimizers.AGD.html").is_file()
+
+
+def test_readme_optimizer_defaults_match_the_signatures():
+    rows = re.findall(
+        r"^\| `(\w+)` \|[^|]*\| `([^`]*)`", _readme_section("Optimizers"), re.MULTILINE
+    )
+    assert rows
+    for name, defaults in rows:
+        signature = inspect.signature(getattr(tfcurv.optimizers, name))
+        for argument in defaults.split(", "):
+            key, value = argument.split("=")
+            assert signature.parameters[key].default == ast.literal_eval(value), (
+                f"README: {name}({argument})"
+            )
