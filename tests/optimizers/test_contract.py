@@ -74,6 +74,19 @@ CASES = [
             ("AdaFisherW", tfcurv.optimizers.AdaFisherW),
         )
     ),
+    OptimizerCase(
+        name="SGDPH",
+        factory=tfcurv.optimizers.SGDPH,
+        converging_kwargs={"learning_rate": 0.02},
+        hyperparameter_ranges={
+            "learning_rate": POSITIVE,
+            "momentum": UNIT_INTERVAL_OPEN_ABOVE,
+            "tau": POSITIVE,
+            "epsilon": POSITIVE,
+            "weight_decay": NON_NEGATIVE,
+        },
+        needs_tfcurv_step=True,
+    ),
 ]
 
 by_case = pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

@@ -82,14 +82,23 @@ def test_fit_reproduces_the_official_trajectory(reference_dir, name):
     x, y, batch_size = rf.training_data(fixture, reference_dir)
     recorder = SlotRecorder()
     history = model.fit(
-        x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
         callbacks=[recorder],
     )
     steps = fixture.meta["T"]
     assert len(recorder.steps) == steps
 
     trainable = fixture.trainable_names
-    one_d = [n for n in trainable if fixture.arrays[f"init_{fixture.weight_index(n):02d}"].ndim == 1]
+    one_d = [
+        n
+        for n in trainable
+        if fixture.arrays[f"init_{fixture.weight_index(n):02d}"].ndim == 1
+    ]
     assert len(one_d) == fixture.meta["M"] == len(optimizer.diagonals)
     assert one_d[-1].endswith("/bias")  # the plain-SGD tensor is the classifier bias
     no_curvature = zero_curvature_tensors(fixture)
@@ -138,7 +147,9 @@ def test_round_robin_target_follows_the_fixture(reference_dir):
             nonzero = [j + 1 for j, c in enumerate(curvature) if np.any(c != 0)]
             targets.append(nonzero)
 
-    model.fit(x, y, batch_size=batch_size, shuffle=False, verbose=0, callbacks=[Targets()])
+    model.fit(
+        x, y, batch_size=batch_size, shuffle=False, verbose=0, callbacks=[Targets()]
+    )
     # fc1/bias (k = 1) feeds LayerNormalization: its H·1 is rounding noise or 0.
     assert len(targets) == fixture.meta["T"]
     for step, (found, expected) in enumerate(zip(targets, fixture.arrays["sgdph_k"])):
@@ -159,9 +170,7 @@ def test_without_one_d_variables_it_is_momentum_sgd():
     kernel = np.array([[0.5, -1.0], [2.0, 0.25]], "float32")
 
     def trained(optimizer, model_class):
-        model = model_class(
-            [keras.Input((2,)), keras.layers.Dense(2, use_bias=False)]
-        )
+        model = model_class([keras.Input((2,)), keras.layers.Dense(2, use_bias=False)])
         model.set_weights([kernel])
         model.compile(optimizer=optimizer, loss="mse")
         x = np.array([[1.0, 2.0], [3.0, -1.0]], "float32")
@@ -195,10 +204,14 @@ def test_bad_hyperparameters_raise_value_error_naming_them(argument, value):
 
 
 def test_config_round_trip():
-    optimizer = SGDPH(learning_rate=0.05, momentum=0.8, tau=5e-3, epsilon=1e-5, weight_decay=1e-4)
+    optimizer = SGDPH(
+        learning_rate=0.05, momentum=0.8, tau=5e-3, epsilon=1e-5, weight_decay=1e-4
+    )
     config = optimizer.get_config()
     restored = SGDPH.from_config(config)
     for key in ("momentum", "tau", "epsilon", "weight_decay"):
         assert getattr(restored, key) == getattr(optimizer, key)
     assert config["weight_decay"] == 1e-4
-    assert keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)).tau == 5e-3
+    assert (
+        keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)).tau == 5e-3
+    )

@@ -84,7 +84,9 @@ def test_two_replicas_equal_one_device(probe_class):
     strategy = _two_cpu_strategy()
     mirrored, mirrored_history = _train(probe_class, initial, strategy)
     for key in single_history:
-        np.testing.assert_allclose(mirrored_history[key], single_history[key], rtol=1e-5)
+        np.testing.assert_allclose(
+            mirrored_history[key], single_history[key], rtol=1e-5
+        )
     for got, expected in zip(mirrored.weights, single_weights):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
     for got, expected in zip(mirrored.optimizer.variables, single_slots):

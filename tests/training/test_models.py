@@ -146,7 +146,9 @@ def test_saved_tfcurv_model_loads_back_as_one(tmp_path, kind):
     assert type(loaded) is type(model)
     assert is_attached(loaded)
     x, _ = _data()
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
 
 
 def test_loaded_plain_model_can_be_attached(tmp_path):

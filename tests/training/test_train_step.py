@@ -151,7 +151,8 @@ COMBINATIONS = {
         "gradient_accumulation_steps": 2,
     },
     "class_weight_jit_compile": {
-        "class_weight": {0: 0.5, 1: 2.0, 2: 1.0}, "jit_compile": True,
+        "class_weight": {0: 0.5, 1: 2.0, 2: 1.0},
+        "jit_compile": True,
     },
 }
 STYLES = ("sequential", "functional", "subclassed", "attached")
@@ -159,18 +160,25 @@ STYLES = ("sequential", "functional", "subclassed", "attached")
 
 def _train(style, combination, tfcurv_step):
     features = COMBINATIONS[combination]
-    two_outputs = features.get("two_outputs", False) and style in ("functional", "attached")
+    two_outputs = features.get("two_outputs", False) and style in (
+        "functional",
+        "attached",
+    )
     model = build(style, two_outputs=two_outputs, tfcurv_step=tfcurv_step)
     optimizer_kwargs = {"learning_rate": LEARNING_RATE}
     if "gradient_accumulation_steps" in features:
-        optimizer_kwargs["gradient_accumulation_steps"] = features["gradient_accumulation_steps"]
+        optimizer_kwargs["gradient_accumulation_steps"] = features[
+            "gradient_accumulation_steps"
+        ]
     optimizer = (
         HVPProbe(**optimizer_kwargs)
         if tfcurv_step
         else keras.optimizers.SGD(**optimizer_kwargs)
     )
     compile_kwargs = {
-        key: features[key] for key in ("steps_per_execution", "jit_compile") if key in features
+        key: features[key]
+        for key in ("steps_per_execution", "jit_compile")
+        if key in features
     }
     _compile(model, optimizer, two_outputs, **compile_kwargs)
     x, y, weights = _data(2 if two_outputs else 1)
@@ -181,8 +189,14 @@ def _train(style, combination, tfcurv_step):
         fit_kwargs["class_weight"] = features["class_weight"]
     logs = _BatchLogs()
     history = model.fit(
-        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-        callbacks=[logs], **fit_kwargs,
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[logs],
+        **fit_kwargs,
     )
     return model, history.history, logs.logs
 
@@ -193,12 +207,15 @@ _keras_results: dict = {}
 def _keras_result(style, combination):
     """Keras' own step on the same network (identical for every style: cached)."""
     two_outputs = "two_outputs" in COMBINATIONS[combination] and style in (
-        "functional", "attached",
+        "functional",
+        "attached",
     )
     key = (combination, two_outputs)
     if key not in _keras_results:
         model, history, logs = _train(
-            "functional" if two_outputs else "sequential", combination, tfcurv_step=False
+            "functional" if two_outputs else "sequential",
+            combination,
+            tfcurv_step=False,
         )
         _keras_results[key] = ([w.numpy() for w in model.weights], history, logs)
         keras.utils.clear_session()
@@ -220,7 +237,9 @@ def test_tfcurv_step_gives_the_numbers_of_keras_step(style, combination):
     model, history, batch_logs = _train(style, combination, tfcurv_step=True)
     assert sorted(history) == sorted(reference_history)
     for key in reference_history:
-        np.testing.assert_allclose(history[key], reference_history[key], rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            history[key], reference_history[key], rtol=1e-6, err_msg=key
+        )
     assert len(batch_logs) == len(reference_logs)  # callbacks saw every step
     for got, expected in zip(batch_logs, reference_logs):
         for key in expected:
@@ -252,7 +271,11 @@ def test_the_product_handed_over_is_the_hessian_of_the_training_loss(style):
     model = build(style)
     _compile(model, HVPProbe(learning_rate=LEARNING_RATE), two_outputs=False)
     x, y, weights = _data()
-    x, y, weights = x[:BATCH].astype("float64"), y[:BATCH], weights[:BATCH].astype("float64")
+    x, y, weights = (
+        x[:BATCH].astype("float64"),
+        y[:BATCH],
+        weights[:BATCH].astype("float64"),
+    )
     model(x)  # build the subclassed model
     initial = [w.numpy() for w in model.weights]
     expected = _reference_hvp_of_ones(model, x, y, weights)

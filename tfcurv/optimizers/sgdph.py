@@ -87,7 +87,9 @@ class SGDPH(CurvatureOptimizer):
             name=name,
             **kwargs,
         )
-        self.momentum = check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+        self.momentum = check_range(
+            "momentum", momentum, 0.0, 1.0, high_inclusive=False
+        )
         self.tau = check_range("tau", tau, 0.0, None, low_inclusive=False)
         self.epsilon = check_range("epsilon", epsilon, 0.0, None, low_inclusive=False)
 
@@ -105,7 +107,9 @@ class SGDPH(CurvatureOptimizer):
         self.momentum_buffers = [
             self.add_variable_from_reference(v, "momentum_buffer") for v in var_list
         ]
-        self.diagonals = [self.add_variable_from_reference(var_list[i], "diag") for i in one_d]
+        self.diagonals = [
+            self.add_variable_from_reference(var_list[i], "diag") for i in one_d
+        ]
         # Written by the train step in replica context with identical (already
         # all-reduced) values on every replica.
         self.curvatures = [
@@ -140,15 +144,15 @@ class SGDPH(CurvatureOptimizer):
         target = self._round_robin_target()
         variables = list(context.variables)
         one_d = list(self._one_d_position)
-        is_target = [
-            ops.equal(target, self._one_d_position[i]) for i in one_d
-        ]
+        is_target = [ops.equal(target, self._one_d_position[i]) for i in one_d]
         vectors = [None] * len(variables)
         for i, selected in zip(one_d, is_target):
             vectors[i] = ops.cast(selected, variables[i].dtype) * ops.ones(
                 variables[i].shape, variables[i].dtype
             )
-        products = context.hessian_vector_product(vectors, [variables[i] for i in one_d])
+        products = context.hessian_vector_product(
+            vectors, [variables[i] for i in one_d]
+        )
         curvature = [
             ops.where(selected, product, ops.zeros_like(product))
             for selected, product in zip(is_target, products)

@@ -189,13 +189,15 @@ def curvature_train_step(model: keras.Model, data):
     )
     with outer_tape:
         with tf.GradientTape() as tape:
-            forward, records = _forward_contexts(products_wanted > 0, layer_types, model)
+            forward, records = _forward_contexts(
+                products_wanted > 0, layer_types, model
+            )
             with forward:
                 y_pred = keras_internals.call_for_training(model, x)
             loss = keras_internals.compute_loss(model, x, y, y_pred, sample_weight)
-            batch_size = tf.shape(
-                next(i for i in tf.nest.flatten(x) if i is not None)
-            )[0]
+            batch_size = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[
+                0
+            ]
             keras_internals.update_loss_tracker(model, loss, batch_size)
             scaled_loss = optimizer.scale_loss(loss)
         # A subclassed model may create its variables in the forward pass above.
@@ -268,7 +270,9 @@ def _context(plan, weight_gradients, outer_tape, statistics, scale) -> Curvature
         variables=plan.variables,
         gradients=[_unscale(g, scale) for g in scaled_gradients],
         hessian_vector_product=hessian_vector_product,
-        layer_statistics=[s for s in statistics if types and isinstance(s.layer, types)],
+        layer_statistics=[
+            s for s in statistics if types and isinstance(s.layer, types)
+        ],
     )
 
 
