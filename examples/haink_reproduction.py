@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -195,7 +196,7 @@ def build_table(spectra, weights, trajectory_results, summary) -> str:
         best = int(np.argmax(np.abs(alignment)))
         alignment_cells.append(f"{abs(alignment[best]):.3f} (λ = {pairs.values[best]:.3g}, "
                                f"rank {best + 1} of {len(alignment)} by \\|λ\\|)")
-        share_cells.append(f"{np.sum(alignment[:10] ** 2):.4f} (random: {10 / w.size:.4f})")
+        share_cells.append(f"{np.sum(alignment[:10] ** 2):.1e} (random: {10 / w.size:.1e})")
         if layers[k].exact:
             needed = int(np.searchsorted(np.cumsum(alignment**2), 0.9)) + 1
             count_cells.append(f"{needed} of {len(alignment)}")
@@ -204,6 +205,18 @@ def build_table(spectra, weights, trajectory_results, summary) -> str:
     row("max_i \\|w·h_i\\|/‖w‖ over the layer's eigenvectors", alignment_cells)
     row("share of ‖w‖² along the 10 largest-\\|λ\\| eigenvectors", share_cells)
     row("eigenvectors (by decreasing \\|λ\\|) holding 90 % of ‖w‖²", count_cells)
+    band_cells = []
+    for k, w in zip(KERNELS, weights):
+        if not layers[k].exact:
+            band_cells.append("n/a (top eigenpairs only)")
+            continue
+        squared = analysis.weight_alignment(w, layers[k].vectors) ** 2
+        relative = np.abs(layers[k].values) / np.max(np.abs(layers[k].values))
+        edges = [np.inf, 1e-1, 1e-2, 1e-3, 1e-4, -np.inf]
+        band_cells.append(" / ".join(f"{squared[(relative <= hi) & (relative > lo)].sum():.3f}"
+                                     for hi, lo in itertools.pairwise(edges)))
+    row("share of ‖w‖² in eigenvectors with \\|λ\\|/λ_max in (0.1, 1] / (0.01, 0.1] / (1e-3, 0.01] / "
+        "(1e-4, 1e-3] / below", band_cells)
     row("layer h_1 vs network h_1…h_10 restricted to the kernel: best overlap (index)",
         [f"{o:.3f} ({i + 1})" for o, i in summary["layer_vs_network"]])
     t = trajectory_results
