@@ -23,18 +23,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import reference_fixtures as rf
+import tensorflow as tf
 
-import reference_fixtures as rf  # noqa: E402
-from tfcurv import Hessian  # noqa: E402
-from tfcurv.curvature import diagonal as diagonal_lib  # noqa: E402
-from tfcurv.curvature import lanczos as lanczos_lib  # noqa: E402
-from tfcurv.curvature import vectors as vec  # noqa: E402
-from tfcurv.curvature.propagation import CurvaturePropagation  # noqa: E402
+from tfcurv import Hessian
+from tfcurv.curvature import diagonal as diagonal_lib
+from tfcurv.curvature import lanczos as lanczos_lib
+from tfcurv.curvature import vectors as vec
+from tfcurv.curvature.propagation import CurvaturePropagation
 
-REFERENCE = pathlib.Path(os.environ.get("TFCURV_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
+REFERENCE = pathlib.Path(
+    os.environ.get("TFCURV_REFERENCE_DIR", ROOT.parent / "shared" / "reference")
+)
 
 
 def _median_seconds(function, repeats=30):
@@ -54,9 +56,8 @@ def hvp_over_gradient(model, x, y, mode="reverse_over_reverse"):
 
     @tf.function
     def gradient():
-        with keras.StatelessScope():
-            with tf.GradientTape() as tape:
-                value = loss(y, model(x, training=True))
+        with keras.StatelessScope(), tf.GradientTape() as tape:
+            value = loss(y, model(x, training=True))
         return tape.gradient(value, model.trainable_variables)
 
     probe = vec.rademacher([1, hessian.size], vec.seed_pair(0), hessian.dtype)
@@ -72,7 +73,11 @@ def mlp():
          keras.layers.Dense(512, activation="tanh"), keras.layers.Dense(10)]
     )  # fmt: skip
     rng = np.random.default_rng(0)
-    return model, rng.standard_normal((256, 784)).astype("float32"), rng.integers(0, 10, 256)
+    return (
+        model,
+        rng.standard_normal((256, 784)).astype("float32"),
+        rng.integers(0, 10, 256),
+    )
 
 
 def bn_cnn():
@@ -92,7 +97,12 @@ def bn_cnn():
 def products_to_accuracy(name, accuracy=1e-4):
     reference = rf.load(REFERENCE / f"hessian__{name}.npz")
     model = rf.build_model(reference)
-    hessian = Hessian(model, rf.loss_fn(), (reference.arrays["x"], reference.arrays["y"]), training=True)
+    hessian = Hessian(
+        model,
+        rf.loss_fn(),
+        (reference.arrays["x"], reference.arrays["y"]),
+        training=True,
+    )
     target = reference.arrays["hess_eigvals"][-1]
 
     def accurate(value):
@@ -133,7 +143,9 @@ def propagation_vs_hutchinson(num_samples=2000):
     ).numpy()
     hutchinson_seconds = (time.perf_counter() - start) / num_samples
     exact = reference.arrays["hess_diag"]
-    cp_variance = np.mean((cp - exact) ** 2)  # = mean per-coordinate variance (unbiased)
+    cp_variance = np.mean(
+        (cp - exact) ** 2
+    )  # = mean per-coordinate variance (unbiased)
     hutchinson_variance = np.mean((hutchinson - exact) ** 2)
     return (
         cp_variance / hutchinson_variance,
@@ -144,18 +156,27 @@ def propagation_vs_hutchinson(num_samples=2000):
 
 def main():
     rows = []
-    for name, build in (("MLP 784-512-512-10, batch 256", mlp), ("BN-CNN 28x28, batch 128", bn_cnn)):
+    for name, build in (
+        ("MLP 784-512-512-10, batch 256", mlp),
+        ("BN-CNN 28x28, batch 128", bn_cnn),
+    ):
         for mode in ("reverse_over_reverse", "forward_over_reverse"):
             ratio = hvp_over_gradient(*build(), mode=mode)
-            rows.append((f"HVP ({mode}) / gradient time, {name}", f"{ratio:.2f}", "<= 2.3"))
+            rows.append(
+                (f"HVP ({mode}) / gradient time, {name}", f"{ratio:.2f}", "<= 2.3")
+            )
     for name in ("mlp_tanh", "ln_mlp"):
         lanczos, power = products_to_accuracy(name)
         rows.append((f"products to top eigenvalue 1e-4, {name}: Lanczos / power",
                      f"{lanczos} / {power}", "fewer"))  # fmt: skip
     per_sample, equal_cost, cost = propagation_vs_hutchinson()
-    rows.append(("CP / Hutchinson variance per sample, tanh MLP", f"{per_sample:.2e}", ""))
+    rows.append(
+        ("CP / Hutchinson variance per sample, tanh MLP", f"{per_sample:.2e}", "")
+    )
     rows.append(("CP / Hutchinson cost per sample", f"{cost:.2f}", ""))
-    rows.append(("CP / Hutchinson variance at equal cost", f"{equal_cost:.2e}", "<= 0.2"))
+    rows.append(
+        ("CP / Hutchinson variance at equal cost", f"{equal_cost:.2e}", "<= 0.2")
+    )
     width = max(len(r[0]) for r in rows)
     print(f"{'quantity'.ljust(width)}  {'measured':>12}  target")
     for label, value, target in rows:

@@ -1,7 +1,6 @@
 """Fixtures shared by the curvature tests: the Hessian reference models."""
 
 import pytest
-
 import reference_fixtures as rf
 
 HESSIAN_MODELS = ("bn_cnn", "ln_mlp", "mlp_tanh")

@@ -94,11 +94,15 @@ def test_every_crossentropy_path_has_exact_second_derivatives(loss, labels):
     target = keras.ops.one_hot(y, 3) if labels.startswith("onehot") else y
 
     def plain_crossentropy(y_true, logits):
-        return -tf.reduce_sum(tf.one_hot(y, 3, dtype=logits.dtype) * tf.nn.log_softmax(logits), -1)
+        return -tf.reduce_sum(
+            tf.one_hot(y, 3, dtype=logits.dtype) * tf.nn.log_softmax(logits), -1
+        )
 
     base = model.layers[0] if labels.endswith("probabilities") else model
     expected = Hessian(base, plain_crossentropy, (x, y)).dense()
-    np.testing.assert_allclose(Hessian(model, loss, (x, target)).dense(), expected, atol=1e-12)
+    np.testing.assert_allclose(
+        Hessian(model, loss, (x, target)).dense(), expected, atol=1e-12
+    )
 
 
 def test_regularisation_losses_are_included():
@@ -108,11 +112,15 @@ def test_regularisation_losses_are_included():
     regularised = Hessian(regularised_model, _logits_loss(), (x, y)).dense()
     kernel_size = 6 * 5
     expected = plain.copy()
-    expected[np.arange(kernel_size), np.arange(kernel_size)] += 0.5  # d^2 (0.25 w^2) = 0.5
+    expected[np.arange(kernel_size), np.arange(kernel_size)] += (
+        0.5  # d^2 (0.25 w^2) = 0.5
+    )
     np.testing.assert_allclose(regularised, expected, atol=1e-12)
     gauss_newton = GaussNewton(regularised_model, _logits_loss(), (x, y)).dense()
     plain_gn = GaussNewton(_mlp(), _logits_loss(), (x, y)).dense()
-    np.testing.assert_allclose(np.diag(gauss_newton - plain_gn)[:kernel_size], 0.5, atol=1e-12)
+    np.testing.assert_allclose(
+        np.diag(gauss_newton - plain_gn)[:kernel_size], 0.5, atol=1e-12
+    )
 
 
 def test_variables_restrict_to_a_layer():
@@ -144,7 +152,9 @@ def test_traces_agree_with_exact_trace():
     exact = np.trace(hessian.dense())
     assert hessian.trace("exact") == pytest.approx(exact, rel=1e-12)
     # Hutch++ with all P products sketches the whole space: exact up to rounding.
-    assert hessian.trace("hutch++", num_samples=3 * hessian.size) == pytest.approx(exact, rel=1e-8)
+    assert hessian.trace("hutch++", num_samples=3 * hessian.size) == pytest.approx(
+        exact, rel=1e-8
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,12 +194,18 @@ def test_layerwise_summary_matches_the_blocks_of_the_dense_hessian():
 
     model = _mlp()
     full = Hessian(model, _logits_loss(), _data()).dense()
-    rows = layerwise_summary(model, _logits_loss(), _data(), trace_method="exact", tol=1e-10)
+    rows = layerwise_summary(
+        model, _logits_loss(), _data(), trace_method="exact", tol=1e-10
+    )
     assert [r["layer"] for r in rows] == [model.layers[0].name, model.layers[-1].name]
     start = 0
     for row in rows:
-        block = full[start : start + row["parameters"], start : start + row["parameters"]]
+        block = full[
+            start : start + row["parameters"], start : start + row["parameters"]
+        ]
         assert row["trace"] == pytest.approx(np.trace(block), rel=1e-10)
-        assert row["top_eigenvalue"] == pytest.approx(np.linalg.eigvalsh(block)[-1], rel=1e-8)
+        assert row["top_eigenvalue"] == pytest.approx(
+            np.linalg.eigvalsh(block)[-1], rel=1e-8
+        )
         start += row["parameters"]
     assert start == full.shape[0]

@@ -23,14 +23,23 @@ def _assert_unbiased(samples, exact):
     mean, std = samples.mean(axis=0), samples.std(axis=0, ddof=1)
     bound = Z * std / np.sqrt(samples.shape[0]) + 1e-12 * np.max(np.abs(exact))
     worst = np.argmax(np.abs(mean - exact) - bound)
-    assert np.all(np.abs(mean - exact) <= bound), (worst, mean[worst], exact[worst], std[worst])
+    assert np.all(np.abs(mean - exact) <= bound), (
+        worst,
+        mean[worst],
+        exact[worst],
+        std[worst],
+    )
 
 
 def _tanh_mlp():
     keras.config.set_floatx("float64")
     keras.utils.set_random_seed(2)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3),
+        ]
     )
     rng = np.random.default_rng(0)
     return model, (rng.standard_normal((3, 4)), np.array([0, 2, 1]))
@@ -105,7 +114,9 @@ def test_curvature_propagation_variance_is_below_hutchinson_on_tanh_mlp():
     operator = Hessian(model, _loss(), batch)
     cp = _cp_samples(operator, 2000, seed=3).var(axis=0).mean()
     hutchinson = (
-        diagonal_lib.hutchinson_samples(operator._matmat, operator.size, operator.dtype, 2000, 3)
+        diagonal_lib.hutchinson_samples(
+            operator._matmat, operator.size, operator.dtype, 2000, 3
+        )
         .numpy()
         .var(axis=0)
         .mean()

@@ -4,9 +4,8 @@ import contextlib
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference_fixtures
+import tensorflow as tf
 
 from tfcurv.curvature import products
 from tfcurv.curvature.exact_moments import exact_second_derivatives
@@ -27,7 +26,9 @@ def _stock_hessian_vector_products(reference, exact: bool):
     columns = []
     for column in range(probes.shape[1]):
         sizes = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
-        vector = [p.reshape(s) for p, s in zip(np.split(probes[:, column], sizes), shapes)]
+        vector = [
+            p.reshape(s) for p, s in zip(np.split(probes[:, column], sizes), shapes)
+        ]
         with exact_second_derivatives() if exact else contextlib.nullcontext():
             (product,) = products.hessian_vector_products(loss_fn, variables, [vector])
         columns.append(np.concatenate([p.numpy().ravel() for p in product]))
@@ -49,4 +50,6 @@ def test_exact_second_derivatives_fix_them(make_reference, name):
     fixed = _stock_hessian_vector_products(reference, exact=True)
     expected = reference.arrays["probe_HV"]
     assert np.max(np.abs(fixed - expected)) <= 1e-8 * np.max(np.abs(expected))
-    assert tf.nn.moments.__module__ != "tfcurv.curvature.exact_moments"  # restored on exit
+    assert (
+        tf.nn.moments.__module__ != "tfcurv.curvature.exact_moments"
+    )  # restored on exit

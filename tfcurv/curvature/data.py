@@ -21,7 +21,11 @@ def _as_batch(element, argument: str) -> Batch:
         raise ValueError(
             f"{argument} must be (x, y), (x, y, sample_weight) or a tf.data.Dataset "
             f"of such tuples; got {type(element).__name__}"
-            + (f" of length {len(element)}" if isinstance(element, (tuple, list)) else "")
+            + (
+                f" of length {len(element)}"
+                if isinstance(element, (tuple, list))
+                else ""
+            )
         )
     x, y = element[0], element[1]
     sample_weight = element[2] if len(element) == 3 else None
@@ -73,8 +77,10 @@ class Data:
         bar = keras.utils.Progbar(self.num_batches) if self.progress else None
         for index, batch in enumerate(self.batches()):
             n = batch_size(batch[0])
-            value = tf.nest.map_structure(lambda t: t * n, per_batch(batch))
-            total = value if total is None else tf.nest.map_structure(tf.add, total, value)
+            value = tf.nest.map_structure(lambda t, n=n: t * n, per_batch(batch))
+            total = (
+                value if total is None else tf.nest.map_structure(tf.add, total, value)
+            )
             count += n
             if bar is not None:
                 bar.update(index + 1)

@@ -27,7 +27,10 @@ class SpectralDensity:
     weights: np.ndarray
 
     def smoothed(
-        self, grid: np.ndarray | None = None, sigma: float | None = None, num_points: int = 1000
+        self,
+        grid: np.ndarray | None = None,
+        sigma: float | None = None,
+        num_points: int = 1000,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(grid, density)``: the weights spread by Gaussians of width ``sigma``.
 
@@ -42,12 +45,16 @@ class SpectralDensity:
         if grid is None:
             grid = np.linspace(low - 5 * sigma, high + 5 * sigma, num_points)
         grid = np.asarray(grid, dtype=np.float64)
-        kernels = np.exp(-0.5 * ((grid[:, None] - self.nodes.ravel()[None]) / sigma) ** 2)
+        kernels = np.exp(
+            -0.5 * ((grid[:, None] - self.nodes.ravel()[None]) / sigma) ** 2
+        )
         kernels /= sigma * np.sqrt(2 * np.pi)
         density = kernels @ self.weights.ravel() / self.nodes.shape[0]
         return grid, density
 
-    def plot(self, ax=None, sigma: float | None = None, log: bool = True, **line_kwargs):
+    def plot(
+        self, ax=None, sigma: float | None = None, log: bool = True, **line_kwargs
+    ):
         """Draw the smoothed density on a matplotlib axis (created if ``None``)."""
         import matplotlib.pyplot as plt
 

@@ -40,6 +40,10 @@ def hutchinson_samples(
     return tf.concat(pieces, axis=0)
 
 
-def hutchinson(matmat: MatMat, size: int, dtype, num_samples: int, seed: int) -> tf.Tensor:
+def hutchinson(
+    matmat: MatMat, size: int, dtype, num_samples: int, seed: int
+) -> tf.Tensor:
     """Mean of ``num_samples`` Hutchinson estimates of ``diag(A)``."""
-    return tf.reduce_mean(hutchinson_samples(matmat, size, dtype, num_samples, seed), axis=0)
+    return tf.reduce_mean(
+        hutchinson_samples(matmat, size, dtype, num_samples, seed), axis=0
+    )

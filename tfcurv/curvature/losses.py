@@ -111,7 +111,10 @@ def loss_kind(loss: keras.losses.Loss) -> LossKind:
         return LossKind("squared_error")
     if name in _SOFTMAX_CROSSENTROPY or isinstance(
         loss,
-        (keras.losses.CategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy),
+        (
+            keras.losses.CategoricalCrossentropy,
+            keras.losses.SparseCategoricalCrossentropy,
+        ),
     ):
         if not from_logits:
             raise ValueError(
@@ -122,7 +125,9 @@ def loss_kind(loss: keras.losses.Loss) -> LossKind:
             loss, keras.losses.SparseCategoricalCrossentropy
         )
         return LossKind("softmax_crossentropy", sparse=sparse)
-    if name == "binary_crossentropy" or isinstance(loss, keras.losses.BinaryCrossentropy):
+    if name == "binary_crossentropy" or isinstance(
+        loss, keras.losses.BinaryCrossentropy
+    ):
         if not from_logits:
             raise ValueError(
                 "loss 'binary_crossentropy' must be built with from_logits=True "

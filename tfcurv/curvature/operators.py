@@ -110,7 +110,7 @@ class CurvatureOperator:
         progress: bool | None = None,
     ):
         if not isinstance(training, bool):
-            raise ValueError(f"training must be True or False, got {training!r}")
+            raise ValueError(f"training must be True or False, got {training!r}")  # noqa: TRY004
         if mode not in products.MODES:
             raise ValueError(f"mode must be one of {products.MODES}, got {mode!r}")
         self.model = model
@@ -129,7 +129,10 @@ class CurvatureOperator:
 
     def _outputs_and_regularisation(self, x):
         """Model outputs and ``sum(model.losses)`` from one stateless forward pass."""
-        with exact_second_derivatives(), keras.StatelessScope(collect_losses=True) as scope:
+        with (
+            exact_second_derivatives(),
+            keras.StatelessScope(collect_losses=True) as scope,
+        ):
             outputs = self.model(x, training=self.training)
             # model.losses: add_loss terms of this call and weight penalties (read
             # here from the variables themselves, which the scope does not map).
@@ -154,7 +157,8 @@ class CurvatureOperator:
     def _batch_products(self, x, y, sample_weight, flat_vectors):
         """``A V^T`` on one batch, for the rows of ``flat_vectors`` (compiled)."""
         vectors = [
-            vec.unflatten(flat_vectors[i], self.shapes) for i in range(flat_vectors.shape[0])
+            vec.unflatten(flat_vectors[i], self.shapes)
+            for i in range(flat_vectors.shape[0])
         ]
         results = self._products_on_batch(x, y, sample_weight, vectors)
         return tf.stack([vec.flatten(r) for r in results])
@@ -166,7 +170,9 @@ class CurvatureOperator:
         for start in range(0, int(flat_vectors.shape[0]), _VECTORS_PER_CALL):
             chunk = flat_vectors[start : start + _VECTORS_PER_CALL]
             chunks.append(
-                self.data.weighted_mean(lambda batch: self._compiled_products(*batch, chunk))
+                self.data.weighted_mean(
+                    lambda batch, chunk=chunk: self._compiled_products(*batch, chunk)
+                )
             )
         return tf.concat(chunks, axis=0)
 
@@ -192,7 +198,11 @@ class CurvatureOperator:
     # -- small models -----------------------------------------------------------------
 
     def _check_dense_size(self, what: str, max_size: int | None) -> None:
-        limit = self.max_dense_size if max_size is None else _check_positive_int(max_size, "max_size")
+        limit = (
+            self.max_dense_size
+            if max_size is None
+            else _check_positive_int(max_size, "max_size")
+        )
         if self.size > limit:
             raise ValueError(
                 f"{what} needs {self.size} products and a {self.size}x{self.size} "
@@ -239,14 +249,22 @@ class CurvatureOperator:
         """
         top_n = _check_positive_int(top_n, "top_n")
         if top_n > self.size:
-            raise ValueError(f"top_n must be at most the parameter count {self.size}, got {top_n}")
+            raise ValueError(
+                f"top_n must be at most the parameter count {self.size}, got {top_n}"
+            )
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol!r}")
         if method == "lanczos":
-            max_iter = min(self.size, 300) if max_iter is None else _check_positive_int(max_iter, "max_iter")
+            max_iter = (
+                min(self.size, 300)
+                if max_iter is None
+                else _check_positive_int(max_iter, "max_iter")
+            )
             solver = lanczos_lib.top_eigenpairs
         elif method == "power":
-            max_iter = 1000 if max_iter is None else _check_positive_int(max_iter, "max_iter")
+            max_iter = (
+                1000 if max_iter is None else _check_positive_int(max_iter, "max_iter")
+            )
             solver = lanczos_lib.power_iteration
         else:
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
@@ -259,16 +277,24 @@ class CurvatureOperator:
 
     # -- traces, diagonals, densities ------------------------------------------------
 
-    def trace(self, method: str = "hutchinson", num_samples: int = 100, seed: int = 0) -> float:
+    def trace(
+        self, method: str = "hutchinson", num_samples: int = 100, seed: int = 0
+    ) -> float:
         """The trace: ``"hutchinson"``, ``"hutch++"`` (``num_samples`` products each) or ``"exact"``."""
         num_samples = _check_positive_int(num_samples, "num_samples")
         if method == "hutchinson":
-            return trace_lib.hutchinson(self._matmat, self.size, self.dtype, num_samples, seed)
+            return trace_lib.hutchinson(
+                self._matmat, self.size, self.dtype, num_samples, seed
+            )
         if method == "hutch++":
-            return trace_lib.hutch_plus_plus(self._matmat, self.size, self.dtype, num_samples, seed)
+            return trace_lib.hutch_plus_plus(
+                self._matmat, self.size, self.dtype, num_samples, seed
+            )
         if method == "exact":
             return float(np.sum(self.diagonal("exact")))
-        raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'exact', got {method!r}")
+        raise ValueError(
+            f"method must be 'hutchinson', 'hutch++' or 'exact', got {method!r}"
+        )
 
     def diagonal(
         self, method: str = "exact", num_samples: int = 100, seed: int = 0
@@ -320,13 +346,13 @@ class CurvatureOperator:
             self._matvec, self.size, self.dtype, num_iter, num_runs, seed
         )
 
-    def negated(self) -> "CurvatureOperator":
+    def negated(self) -> CurvatureOperator:
         """The same operator times -1 (its top eigenvalues are this one's bottom ones)."""
         return _Negated(self)
 
 
 class _Negated(CurvatureOperator):
-    def __init__(self, operator: CurvatureOperator):  # noqa: D107 - shares the operator's state
+    def __init__(self, operator: CurvatureOperator):
         self.__dict__.update(operator.__dict__)
         self._compiled_products = operator._compiled_products
 
@@ -374,5 +400,7 @@ class GaussNewton(CurvatureOperator):
             regularised = products.hessian_vector_products(
                 lambda: self._outputs_and_regularisation(x)[1], self.variables, vectors
             )
-            results = [[a + b for a, b in zip(r, q)] for r, q in zip(results, regularised)]
+            results = [
+                [a + b for a, b in zip(r, q)] for r, q in zip(results, regularised)
+            ]
         return results

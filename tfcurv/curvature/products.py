@@ -4,6 +4,11 @@ The building block shared by the train step and the analysis tools is
 :func:`hessian_vector_product_from_tape`: given an outer ``tf.GradientTape``
 that recorded the computation of ``gradients`` (reverse-over-reverse), it returns
 ``H v`` without another forward pass.
+
+The analysis operators use :func:`hessian_vector_products` (reverse-over-reverse
+or forward-over-reverse), :func:`gauss_newton_vector_products` and
+:func:`fisher_vector_products` (empirical or sampled-label Fisher), each taking
+closures that recompute the loss or the model outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ def _primals(variables) -> list:
     ``ForwardAccumulator`` rejects Keras variables, and ``tape.gradient`` with
     ``UnconnectedGradients.ZERO`` fails on them (their ``dtype`` is a string).
     """
-    return [getattr(v, "value", v) if isinstance(v, keras.Variable) else v for v in variables]
+    return [
+        getattr(v, "value", v) if isinstance(v, keras.Variable) else v
+        for v in variables
+    ]
 
 
 def hessian_vector_product_from_tape(
@@ -61,8 +69,6 @@ OutputsClosure = Callable[[], tf.Tensor]
 MODES = ("reverse_over_reverse", "forward_over_reverse")
 
 
-
-
 def hessian_vector_products(
     loss_fn: LossClosure,
     variables: Sequence[tf.Variable],
@@ -82,7 +88,9 @@ def hessian_vector_products(
             with tf.GradientTape() as inner_tape:
                 loss = loss_fn()
             gradients = inner_tape.gradient(
-                loss, _primals(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+                loss,
+                _primals(variables),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
         return [
             hessian_vector_product_from_tape(outer_tape, gradients, v, variables)
@@ -101,7 +109,9 @@ def hessian_vector_products(
                 )
             products.append(
                 [
-                    accumulator.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    accumulator.jvp(
+                        g, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                    )
                     for g in gradients
                 ]
             )
@@ -183,7 +193,10 @@ def gauss_newton_vector_products(
     curvature_products = _output_hessian_products(
         loss_of_outputs,
         linearisation.outputs,
-        [tf.nest.pack_sequence_as(linearisation.outputs, jv) for jv in jacobian_products],
+        [
+            tf.nest.pack_sequence_as(linearisation.outputs, jv)
+            for jv in jacobian_products
+        ],
     )
     return [linearisation.transpose_product(hu) for hu in curvature_products]
 

@@ -70,15 +70,23 @@ def _unsupported(layer, why: str) -> ValueError:
 def _check_layer(layer, training: bool) -> None:
     if isinstance(layer, L.BatchNormalization):
         if training:
-            raise _unsupported(layer, "BatchNormalization only in inference mode (training=False)")
+            raise _unsupported(
+                layer, "BatchNormalization only in inference mode (training=False)"
+            )
         if layer.axis not in (-1, len(layer.input.shape) - 1):
             raise _unsupported(layer, "only axis=-1")
         return
     if isinstance(layer, (L.Conv1D, L.Conv2D)):
         if type(layer) not in (L.Conv1D, L.Conv2D):
             raise _unsupported(layer, "only plain Conv1D / Conv2D")
-        if layer.groups != 1 or layer.data_format != "channels_last" or layer.padding == "causal":
-            raise _unsupported(layer, "needs groups=1, channels_last, padding 'valid' or 'same'")
+        if (
+            layer.groups != 1
+            or layer.data_format != "channels_last"
+            or layer.padding == "causal"
+        ):
+            raise _unsupported(
+                layer, "needs groups=1, channels_last, padding 'valid' or 'same'"
+            )
     if isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D)):
         name = _activation_name(layer.activation)
         if name not in _ELEMENTWISE_FUNCTIONS:
@@ -117,7 +125,7 @@ def leaf_layers(model: keras.Model, training: bool) -> list:
             leaves.extend(leaf_layers(operation, training))
             continue
         if not isinstance(operation, L.Layer):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - an unsupported model, not a wrong type
                 f"curvature_propagation does not support operation "
                 f"{getattr(operation, 'name', operation)!r} ({type(operation).__name__})"
             )
@@ -134,7 +142,9 @@ def _elementwise_derivatives(function, s):
             inner.watch(s)
             a = function(s)
         first = inner.gradient(a, s)
-    return first, outer.gradient(first, s, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return first, outer.gradient(
+        first, s, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
 
 
 class _Recorder:
@@ -172,7 +182,7 @@ class _Recorder:
 
         if isinstance(layer, _PARAMETERISED):
             return parameterised_call
-        if isinstance(layer, L.Activation) or isinstance(layer, _ELEMENTWISE_LAYERS):
+        if isinstance(layer, (L.Activation, *_ELEMENTWISE_LAYERS)):
             return elementwise_call
         return None
 
@@ -297,7 +307,9 @@ class CurvaturePropagation:
         estimates = []
         for sample in range(num_samples):
             sample_seed = tf.random.experimental.stateless_fold_in(seed, sample)
-            node_seeds = tf.random.experimental.stateless_split(sample_seed, len(injections) + 1)
+            node_seeds = tf.random.experimental.stateless_split(
+                sample_seed, len(injections) + 1
+            )
             v = vec.rademacher(tf.shape(z), node_seeds[0], z.dtype)
             with tape:
                 factor = tf.stop_gradient(_output_factor(self.kind, z, v))
@@ -307,14 +319,20 @@ class CurvaturePropagation:
                     gamma_objective += tf.reduce_sum(root * u * s)
                     delta_objective += tf.reduce_sum(sign * root * u * s)
             gammas = tape.gradient(gamma_objective, probes)
-            deltas = gammas if not injections else tape.gradient(delta_objective, probes)
+            deltas = (
+                gammas if not injections else tape.gradient(delta_objective, probes)
+            )
             diagonal = {}
-            for (layer, inputs, _), gamma, delta in zip(recorder.parameterised, gammas, deltas):
+            for (layer, inputs, _), gamma, delta in zip(
+                recorder.parameterised, gammas, deltas
+            ):
                 inputs = tf.stop_gradient(inputs)
                 by_gamma = _per_example_weight_gradients(layer, inputs, gamma)
                 by_delta = _per_example_weight_gradients(layer, inputs, delta)
                 for key in by_gamma.keys() & wanted:
-                    diagonal[key] = tf.reduce_sum(by_gamma[key] * by_delta[key], axis=0) / count
+                    diagonal[key] = (
+                        tf.reduce_sum(by_gamma[key] * by_delta[key], axis=0) / count
+                    )
             missing = [v.path for v in self.variables if id(v) not in diagonal]
             if missing:
                 raise ValueError(
@@ -335,4 +353,6 @@ class CurvaturePropagation:
         return tf.concat(pieces, axis=0)
 
     def diagonal(self, x, y, sample_weight, num_samples: int, seed: int):
-        return tf.reduce_mean(self.samples(x, y, sample_weight, num_samples, seed), axis=0)
+        return tf.reduce_mean(
+            self.samples(x, y, sample_weight, num_samples, seed), axis=0
+        )

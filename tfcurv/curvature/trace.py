@@ -20,7 +20,9 @@ def _quadratic_forms(matmat: MatMat, probes: tf.Tensor) -> tf.Tensor:
     """``v^T A v`` for every row ``v`` of ``probes``."""
     forms = [
         tf.reduce_sum(chunk * matmat(chunk), axis=1)
-        for chunk in (probes[i : i + CHUNK] for i in range(0, int(probes.shape[0]), CHUNK))
+        for chunk in (
+            probes[i : i + CHUNK] for i in range(0, int(probes.shape[0]), CHUNK)
+        )
     ]
     return tf.concat(forms, axis=0)
 
@@ -30,10 +32,14 @@ def hutchinson(matmat: MatMat, size: int, dtype, num_samples: int, seed: int) ->
     return float(tf.reduce_mean(_quadratic_forms(matmat, probes)))
 
 
-def hutch_plus_plus(matmat: MatMat, size: int, dtype, num_samples: int, seed: int) -> float:
+def hutch_plus_plus(
+    matmat: MatMat, size: int, dtype, num_samples: int, seed: int
+) -> float:
     """Hutch++ with ``num_samples >= 3`` products (a third each for sketch, basis, residual)."""
     if num_samples < 3:
-        raise ValueError(f"num_samples must be at least 3 for hutch++, got {num_samples}")
+        raise ValueError(
+            f"num_samples must be at least 3 for hutch++, got {num_samples}"
+        )
     sketch_size = num_samples // 3
     sketch = vec.rademacher([sketch_size, size], vec.seed_pair(seed, 0), dtype)
     basis, _ = tf.linalg.qr(tf.transpose(matmat(sketch)))  # (P, k) orthonormal
