@@ -36,10 +36,12 @@ def plot_overlap_heatmap(
     column_label: str = "Hessian eigenvector",
     title: str | None = None,
 ):
-    """Heat map of an overlap matrix ``|a_i . b_j|`` (values in [0, 1])."""
+    """Heat map of an overlap matrix ``|a_i . b_j|`` (values in [0, 1]; indices from 1)."""
     ax = _axis(ax)
-    image = ax.imshow(np.asarray(overlaps), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
-                      interpolation="nearest")
+    overlaps = np.asarray(overlaps)
+    rows, columns = overlaps.shape
+    image = ax.imshow(overlaps, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
+                      interpolation="nearest", extent=(0.5, columns + 0.5, rows + 0.5, 0.5))
     ax.figure.colorbar(image, ax=ax, label="overlap")
     ax.set_ylabel(f"{row_label} index")
     ax.set_xlabel(f"{column_label} index")
