@@ -72,6 +72,13 @@ OPTIMIZERS = [
             "statistics step": lambda: tfcurv.optimizers.AdaFisher(1e-3, update_freq=1)
         },
     ),
+    Entry("SGDPH", lambda: tfcurv.optimizers.SGDPH(1e-2), needs_tfcurv_step=True),
+    # The tfcurv train step's overhead with an optimizer that needs no curvature.
+    Entry(
+        "SGD attached",
+        lambda: keras.optimizers.SGD(1e-2, momentum=0.9),
+        needs_tfcurv_step=True,
+    ),
 ]
 
 
