@@ -90,3 +90,19 @@ def test_bad_arguments(quadratic):
     uncompiled = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="not compiled with a loss"):
         hessian_eigenpairs(uncompiled, None, (quadratic.x1, quadratic.y))
+
+
+def test_eigenvectors_use_the_c_order_flattening_of_the_kernel():
+    """Two outputs under MSE: H = kron(X^T X, I_2) / n in C order (kron(I_2, X^T X) in F order).
+
+    ``weight_alignment`` and the overlaps rely on this layout matching ``kernel.ravel()``.
+    """
+    keras.config.set_floatx("float64")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 3)) * [3.0, 1.0, 0.3]
+    y = rng.standard_normal((30, 2))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+    pairs = hessian_eigenpairs(model, keras.losses.MeanSquaredError(), (x, y), top_n=None)
+    expected = np.kron(x.T @ x, np.eye(2)) / 30  # mean over 2 outputs and 30 examples, times 2
+    reconstructed = pairs.vectors.T @ np.diag(pairs.values) @ pairs.vectors
+    np.testing.assert_allclose(reconstructed, expected, atol=1e-10)
