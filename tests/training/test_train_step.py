@@ -252,9 +252,10 @@ def test_tfcurv_step_gives_the_numbers_of_keras_step(style, combination):
     assert np.all(np.isfinite(products)) and np.any(products != 0)
 
 
-def _reference_hvp_of_ones(model, x, y, sample_weight=None):
-    """``H·1`` of the training loss at the current weights, by nested tapes."""
-    variables = model.trainable_variables
+def _reference_hvp_of_ones(model, x, y, sample_weight=None, variables=None):
+    """``H·1`` of the training loss at the current weights, by nested tapes,
+    restricted to ``variables`` (ones there, rows there; default: all)."""
+    variables = variables or model.trainable_variables
     with tf.GradientTape() as outer:
         with tf.GradientTape() as inner:
             with exact_second_derivatives():
@@ -262,7 +263,10 @@ def _reference_hvp_of_ones(model, x, y, sample_weight=None):
             loss = model.compute_loss(x, y, y_pred, sample_weight, training=True)
         gradients = inner.gradient(loss, variables)
         total = tf.add_n([tf.reduce_sum(g) for g in gradients])
-    return [p.numpy() for p in outer.gradient(total, variables)]
+    products = outer.gradient(
+        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return [p.numpy() for p in products]
 
 
 @pytest.mark.parametrize("style", ["functional", "subclassed", "attached"])
@@ -346,3 +350,35 @@ def test_evaluate_and_predict_are_keras_own():
     np.testing.assert_array_equal(
         model.evaluate(x, y, verbose=0), reference.evaluate(x, y, verbose=0)
     )
+
+
+def test_multi_optimizer_is_looked_through_and_each_curvature_optimizer_served():
+    """Two HVP probes and Keras SGD behind one MultiOptimizer: each probe gets
+    ``H·1`` restricted to its own variables (ones there, rows there)."""
+    keras.config.set_floatx("float64")
+    x, y, _ = _data()
+    x, y = x[:BATCH].astype("float64"), y[:BATCH]
+    model = build("functional")
+    hidden, head = (
+        layer for layer in model.layers if isinstance(layer, keras.layers.Dense)
+    )
+    probes = [HVPProbe(learning_rate=LEARNING_RATE) for _ in range(2)]
+    optimizer = keras.optimizers.MultiOptimizer(
+        keras.optimizers.OptimizerMap(
+            keras.optimizers.SGD(LEARNING_RATE),
+            {f"{hidden.name}/.*": probes[0], f"{head.name}/.*": probes[1]},
+        )
+    )
+    _compile(model, optimizer, two_outputs=False)
+    initial = model.get_weights()
+    expected = []
+    for layer in (hidden, head):
+        expected.append(
+            _reference_hvp_of_ones(model, x, y, variables=layer.trainable_variables)
+        )
+        model.set_weights(initial)
+    model.fit(x, y, batch_size=BATCH, verbose=0)
+    for probe, want in zip(probes, expected):
+        assert len(probe.products) == len(want) == 2
+        for got, reference in zip(probe.products, want):
+            np.testing.assert_allclose(got.numpy(), reference, rtol=1e-5, atol=1e-7)
