@@ -17,7 +17,7 @@ seed 1), with the authors' pipeline:
    singular vectors with the kernels' top Hessian eigenvector;
 4. accuracy of the last layer rebuilt from its first i directions.
 
-    python examples/haink_reproduction.py --output haink_out      # ~10 min, 2 CPU cores
+    python examples/haink_reproduction.py --output haink_out      # ~4-8 min, 2 CPU cores
     python examples/haink_reproduction.py --output smoke --quick  # seconds: smoke run
 
 Writes ``table.md``, ``results.json``, the result arrays (``*.npz``) and the plots
