@@ -33,63 +33,100 @@ from tfcurv.optimizers.hyperparameters import check_range, constant
 BIAS_CORRECTION_DTYPES = (None, "float32", "float64")
 
 
-class Coefficients(NamedTuple):
-    """Scalars of one AGD step for one variable, in the variable's dtype.
+class Settings(NamedTuple):
+    """The Python-valued options of one variable's AGD step."""
 
-    ``None`` marks an absent option (it selects a different computation).
+    beta_1: float
+    beta_2: float
+    delta: float
+    clip: float | None
+    #: ``None``: no decay for this variable; else ``"decoupled"``, ``"fixed"``
+    #: or ``"coupled"`` with coefficient ``weight_decay``.
+    decay_mode: str | None
+    weight_decay: float
+    bias_correction_dtype: str | None
+
+
+def agd_step(
+    parameters,
+    gradient,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    step,
+    learning_rate,
+    settings: Settings,
+):
+    """The official AGD step of one tensor, as a pure function.
+
+    ``step`` is the 1-based step counter (integer tensor), ``learning_rate``
+    a scalar of the parameters' dtype. Returns the new ``(parameters, exp_avg,
+    exp_avg_sq, max_exp_avg_sq)``; ``max_exp_avg_sq`` is ``None`` without
+    amsgrad. Operations and their order follow the official code.
     """
+    dtype = parameters.dtype
+    scalar_dtype = settings.bias_correction_dtype or dtype
+    step = tf.cast(step, scalar_dtype)
+    one = constant(1.0, scalar_dtype)
+    beta_1 = constant(settings.beta_1, scalar_dtype)
+    bias_correction_1 = one - tf.pow(beta_1, step)
+    sqrt_bias_correction_2 = tf.sqrt(
+        one - tf.pow(constant(settings.beta_2, scalar_dtype), step)
+    )
+    inverse_bias_correction_1 = tf.cast(one / bias_correction_1, dtype)
+    # 1 / (1 − β1^0) is 1/0: the t = 1 difference has no previous term.
+    inverse_previous_bias_correction_1 = tf.cast(
+        tf.math.divide_no_nan(one, one - tf.pow(beta_1, step - one)), dtype
+    )
+    denominator_floor = tf.cast(
+        constant(settings.delta, scalar_dtype) * sqrt_bias_correction_2, dtype
+    )
+    step_size = tf.cast(
+        tf.cast(learning_rate, scalar_dtype)
+        * sqrt_bias_correction_2
+        / bias_correction_1,
+        dtype,
+    )
 
-    beta_1: tf.Tensor
-    one_minus_beta_1: tf.Tensor
-    beta_2: tf.Tensor
-    one_minus_beta_2: tf.Tensor
-    inverse_bias_correction_1: tf.Tensor  # 1 / (1 − β1^t)
-    inverse_previous_bias_correction_1: tf.Tensor  # 1 / (1 − β1^(t−1)); 0 at t = 1
-    denominator_floor: tf.Tensor  # δ·√(1 − β2^t)
-    step_size: tf.Tensor  # lr·√(1 − β2^t) / (1 − β1^t)
-    parameter_decay_factor: tf.Tensor | None = None  # decoupled: 1 − lr·wd or 1 − wd
-    gradient_decay: tf.Tensor | None = None  # coupled: wd
-    clip: tf.Tensor | None = None
-
-
-def agd_arithmetic(parameters, gradient, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
-    """The official update of one tensor, as a pure function.
-
-    Returns the new ``(parameters, exp_avg, exp_avg_sq, max_exp_avg_sq)``
-    (the last is ``None`` without amsgrad). Operations and their order follow
-    the official code, so float64 results agree with it to rounding.
-    """
-    if c.gradient_decay is not None:
-        gradient = gradient + c.gradient_decay * parameters
-    if c.parameter_decay_factor is not None:
-        parameters = parameters * c.parameter_decay_factor
-    new_exp_avg = exp_avg * c.beta_1 + c.one_minus_beta_1 * gradient
+    if settings.decay_mode == "coupled":
+        gradient = gradient + constant(settings.weight_decay, dtype) * parameters
+    elif settings.decay_mode == "fixed":
+        parameters = parameters * constant(1.0 - settings.weight_decay, dtype)
+    elif settings.decay_mode == "decoupled":
+        parameters = parameters * (
+            1.0 - learning_rate * constant(settings.weight_decay, dtype)
+        )
+    new_exp_avg = (
+        exp_avg * constant(settings.beta_1, dtype)
+        + constant(1.0 - settings.beta_1, dtype) * gradient
+    )
     difference = (
-        new_exp_avg * c.inverse_bias_correction_1
-        - exp_avg * c.inverse_previous_bias_correction_1
+        new_exp_avg * inverse_bias_correction_1
+        - exp_avg * inverse_previous_bias_correction_1
     )
     new_exp_avg_sq = (
-        exp_avg_sq * c.beta_2 + (c.one_minus_beta_2 * difference) * difference
+        exp_avg_sq * constant(settings.beta_2, dtype)
+        + (constant(1.0 - settings.beta_2, dtype) * difference) * difference
     )
     second_moment = new_exp_avg_sq
     if max_exp_avg_sq is not None:
         max_exp_avg_sq = second_moment = tf.maximum(max_exp_avg_sq, new_exp_avg_sq)
-    direction = new_exp_avg / tf.maximum(tf.sqrt(second_moment), c.denominator_floor)
-    if c.clip is not None:
-        direction = tf.clip_by_value(direction, -c.clip, c.clip)
+    direction = new_exp_avg / tf.maximum(tf.sqrt(second_moment), denominator_floor)
+    if settings.clip is not None:
+        clip = constant(settings.clip, dtype)
+        direction = tf.clip_by_value(direction, -clip, clip)
     return (
-        parameters - c.step_size * direction,
+        parameters - step_size * direction,
         new_exp_avg,
         new_exp_avg_sq,
         max_exp_avg_sq,
     )
 
 
-#: :func:`agd_arithmetic` compiled by XLA into one fused loop per variable shape.
-#: Unfused, each of its ~15 elementwise operations is one pass over memory.
-fused_agd_arithmetic = tf.function(
-    agd_arithmetic, jit_compile=True, reduce_retracing=True
-)
+#: :func:`agd_step` compiled by XLA into one kernel per variable shape: unfused,
+#: each of its ~15 elementwise operations is one pass over memory, and its ~15
+#: scalar operations are one kernel launch each.
+fused_agd_step = tf.function(agd_step, jit_compile=True, reduce_retracing=True)
 
 
 @keras.saving.register_keras_serializable(package="tfcurv")
@@ -122,8 +159,8 @@ class AGD(keras.optimizers.Optimizer):
             the variable's dtype, as the official code does when PyTorch's
             default dtype is float32 (its step counter is a float32 tensor)
             while the model is float64.
-        fused: compile each variable's elementwise update with XLA into one
-            loop (default). ``False`` runs the same operations as separate
+        fused: compile each variable's step with XLA into one kernel
+            (default). ``False`` runs the same operations as separate
             TensorFlow kernels (slower; for platforms without XLA).
         **kwargs: the Keras optimizer arguments (``name``, ``clipnorm``,
             ``global_clipnorm``, ``clipvalue``, ``use_ema``, ``ema_momentum``,
@@ -207,12 +244,25 @@ class AGD(keras.optimizers.Optimizer):
         )
         # Decided here, where variables still have their paths
         # (update_step may see per-device components).
-        self._decays_variable = [
-            self.weight_decay is not None
-            and self.weight_decay > 0.0
-            and self._use_weight_decay(v)
-            for v in var_list
-        ]
+        self._settings = [self._settings_for(v) for v in var_list]
+
+    def _settings_for(self, variable) -> Settings:
+        decays = bool(self.weight_decay) and self._use_weight_decay(variable)
+        if not decays:
+            decay_mode = None
+        elif not self.decoupled_weight_decay:
+            decay_mode = "coupled"
+        else:
+            decay_mode = "fixed" if self.fixed_decay else "decoupled"
+        return Settings(
+            self.beta_1,
+            self.beta_2,
+            self.delta,
+            self.clip,
+            decay_mode,
+            self.weight_decay or 0.0,
+            self.bias_correction_dtype,
+        )
 
     def _apply_weight_decay(self, variables):
         """Do nothing: AGD applies its own decay inside :meth:`update_step`.
@@ -225,71 +275,25 @@ class AGD(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """One AGD step for one variable."""
-        dtype = variable.dtype
         index = self._get_variable_index(variable)
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)  # sums duplicate indices
         slots = [self._exp_avgs[index], self._exp_avg_sqs[index]]
         if self.amsgrad:
             slots.append(self._max_exp_avg_sqs[index])
-        arithmetic = fused_agd_arithmetic if self.fused else agd_arithmetic
-        new_parameters, *new_slots = arithmetic(
+        step = fused_agd_step if self.fused else agd_step
+        new_parameters, *new_slots = step(
             tf.convert_to_tensor(variable),
-            ops.cast(gradient, dtype),
+            ops.cast(gradient, variable.dtype),
             *(tf.convert_to_tensor(slot) for slot in slots),
             *([] if self.amsgrad else [None]),
-            self._coefficients(ops.cast(learning_rate, dtype), dtype, index),
+            self.iterations + 1,
+            ops.cast(learning_rate, variable.dtype),
+            self._settings[index],
         )
         for slot, value in zip(slots, new_slots):
             self.assign(slot, value)
         self.assign(variable, new_parameters)
-
-    def _coefficients(self, learning_rate, dtype, index) -> Coefficients:
-        """The scalars of this step for variable ``index``, in ``dtype``.
-
-        Bias corrections, the δ floor and the step size are computed in
-        ``bias_correction_dtype`` (default ``dtype``) and then converted, as the
-        official code computes them in its step counter's dtype and applies
-        them to the parameter's.
-        """
-        compute_dtype = self.bias_correction_dtype or dtype
-        step = ops.cast(self.iterations + 1, compute_dtype)
-        one = constant(1.0, compute_dtype)
-        beta_1 = constant(self.beta_1, compute_dtype)
-        bias_correction_1 = one - ops.power(beta_1, step)
-        previous_bias_correction_1 = one - ops.power(beta_1, step - one)
-        sqrt_bias_correction_2 = ops.sqrt(
-            one - ops.power(constant(self.beta_2, compute_dtype), step)
-        )
-        step_scalars = (
-            one / bias_correction_1,
-            # 1 / (1 − β1^0) is 1/0: the t = 1 difference has no previous term.
-            tf.math.divide_no_nan(one, previous_bias_correction_1),
-            constant(self.delta, compute_dtype) * sqrt_bias_correction_2,
-            ops.cast(learning_rate, compute_dtype)
-            * sqrt_bias_correction_2
-            / bias_correction_1,
-        )
-        parameter_decay_factor = gradient_decay = None
-        if self._decays_variable[index]:
-            if not self.decoupled_weight_decay:
-                gradient_decay = constant(self.weight_decay, dtype)
-            elif self.fixed_decay:
-                parameter_decay_factor = constant(1.0 - self.weight_decay, dtype)
-            else:
-                parameter_decay_factor = 1.0 - learning_rate * constant(
-                    self.weight_decay, dtype
-                )
-        return Coefficients(
-            constant(self.beta_1, dtype),
-            constant(1.0 - self.beta_1, dtype),
-            constant(self.beta_2, dtype),
-            constant(1.0 - self.beta_2, dtype),
-            *(ops.cast(s, dtype) for s in step_scalars),
-            parameter_decay_factor=parameter_decay_factor,
-            gradient_decay=gradient_decay,
-            clip=None if self.clip is None else constant(self.clip, dtype),
-        )
 
     def get_config(self) -> dict:
         config = super().get_config()
