@@ -59,7 +59,7 @@ def as_rows(vectors) -> np.ndarray:
 
 
 def overlap_matrix(a, b) -> np.ndarray:
-    """``|a_i . b_j| / (||a_i|| ||b_j||)``, shape (len(a), len(b)); 1 = same direction."""
+    """Absolute cosines ``|a_i·b_j| / (||a_i|| ||b_j||)``, shape (len(a), len(b)); 1 = same direction."""
     a, b = _unit_rows(as_rows(a), "a"), _unit_rows(as_rows(b), "b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
@@ -69,7 +69,7 @@ def overlap_matrix(a, b) -> np.ndarray:
 
 
 def best_overlap(directions, target) -> tuple[float, int]:
-    """``max_j |d_j . t|`` over the rows ``d_j`` of ``directions``, and its index j."""
+    """The largest ``|d_j·t|`` over the rows ``d_j`` of ``directions``, and its index j."""
     overlaps = overlap_matrix(directions, target)[:, 0]
     index = int(np.argmax(overlaps))
     return float(overlaps[index]), index
@@ -107,7 +107,7 @@ def extended_singular_vectors(kernel, top_n: int | None = None) -> SingularDirec
 
 
 def weight_alignment(weights, eigenvectors) -> np.ndarray:
-    """``w . h_i / ||w||`` for every eigenvector ``h_i`` (signed; unit ``h_i`` assumed).
+    """Alignment ``w·h_i / ||w||`` for every eigenvector ``h_i`` (signed; unit ``h_i`` assumed).
 
     ``weights`` is the variable (or list of variables) the eigenvectors live on.
     """

@@ -36,7 +36,7 @@ def plot_overlap_heatmap(
     column_label: str = "Hessian eigenvector",
     title: str | None = None,
 ):
-    """Heat map of an overlap matrix ``|a_i . b_j|`` (values in [0, 1]; indices from 1)."""
+    """Heat map of an overlap matrix ``|a_i·b_j|`` (values in [0, 1]; indices from 1)."""
     ax = _axis(ax)
     overlaps = np.asarray(overlaps)
     rows, columns = overlaps.shape

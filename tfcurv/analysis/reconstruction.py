@@ -40,7 +40,7 @@ class ReconstructionCurve(SavableResult):
 
 
 def projected_weights(weights, directions, counts: Sequence[int]) -> np.ndarray:
-    """``sum_{k<i} (w . e_k) e_k`` for every i in ``counts``, shape (m, P).
+    """The partial sums ``sum_{k<i} (w·e_k) e_k`` for every i in ``counts``, shape (m, P).
 
     ``directions`` must have orthonormal rows (checked to 1e-6).
     """

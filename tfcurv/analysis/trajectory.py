@@ -69,7 +69,7 @@ class Trajectory:
         return tuple(self._entry(name)["shape"])
 
     def states(self, name: str, flatten: bool = True) -> np.ndarray:
-        """All records of ``name`` as a read-only memmap, shape (T, P) or (T, *shape).
+        """All records of ``name`` as a read-only memmap, shape ``(T, P)`` or ``(T, *shape)``.
 
         ``name`` is a variable path, or its end (``"dense/kernel"``) if that is unique.
         """
