@@ -11,8 +11,11 @@ def _same_directions(a, b, atol):
     np.testing.assert_allclose(np.abs(np.sum(a * b, axis=1)), 1.0, atol=atol)
 
 
-def test_exact_eigenpairs_match_the_known_hessian(quadratic):
+@pytest.mark.parametrize("compiled_loss", ["object", "name"])
+def test_exact_eigenpairs_match_the_known_hessian(quadratic, compiled_loss):
     model = quadratic.model()
+    if compiled_loss == "name":
+        model.compile(optimizer="sgd", loss="mse")
     result = hessian_eigenpairs(model, None, quadratic.data, top_n=None)
 
     values, vectors = quadratic.eigh()
