@@ -31,9 +31,13 @@ class QuadraticProblem:
     def model(self, seed: int = 3) -> keras.Model:
         keras.utils.set_random_seed(seed)
         x1, x2 = keras.Input((3,)), keras.Input((2,))
-        output = keras.layers.Add()([keras.layers.Dense(1, name="a")(x1), keras.layers.Dense(1, name="b")(x2)])
+        output = keras.layers.Add()(
+            [keras.layers.Dense(1, name="a")(x1), keras.layers.Dense(1, name="b")(x2)]
+        )
         model = keras.Model([x1, x2], output)
-        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.MeanSquaredError())
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.MeanSquaredError()
+        )
         return model
 
     def eigh(self, block: slice = slice(None)):

@@ -13,9 +13,17 @@ from tfcurv.analysis import CurvatureMonitor
 def test_logs_known_eigenvalues_and_traces_into_history(quadratic, tmp_path):
     model = quadratic.model()
     monitor = CurvatureMonitor(
-        quadratic.data, every=2, top_n=2, trace="exact", per_layer=True, log_dir=tmp_path, tol=1e-12
+        quadratic.data,
+        every=2,
+        top_n=2,
+        trace="exact",
+        per_layer=True,
+        log_dir=tmp_path,
+        tol=1e-12,
     )
-    history = model.fit(*quadratic.data, epochs=3, batch_size=8, verbose=0, callbacks=[monitor])
+    history = model.fit(
+        *quadratic.data, epochs=3, batch_size=8, verbose=0, callbacks=[monitor]
+    )
 
     values, _ = quadratic.eigh()
     expected = {
@@ -36,7 +44,9 @@ def test_logs_known_eigenvalues_and_traces_into_history(quadratic, tmp_path):
     assert monitor.history["epoch"] == [1]
 
     scalars = {}  # TensorBoard scalars are float32
-    for record in tf.data.TFRecordDataset([str(p) for p in tmp_path.glob("events.out.tfevents.*")]):
+    for record in tf.data.TFRecordDataset(
+        [str(p) for p in tmp_path.glob("events.out.tfevents.*")]
+    ):
         event = tf.compat.v1.Event.FromString(record.numpy())
         for value in event.summary.value:
             assert value.metadata.plugin_data.plugin_name == "scalars"
@@ -73,17 +83,25 @@ def test_training_is_bit_identical_with_and_without_the_monitor(training):
 
     def train(callbacks):
         model = _batchnorm_dropout_model()
-        history = model.fit(x, y, batch_size=16, epochs=3, shuffle=True, verbose=0, callbacks=callbacks)
+        history = model.fit(
+            x, y, batch_size=16, epochs=3, shuffle=True, verbose=0, callbacks=callbacks
+        )
         return model, history.history["loss"]
 
     plain, plain_losses = train([])
-    monitor = CurvatureMonitor(held_out, top_n=2, per_layer=True, training=training, trace_samples=3)
+    monitor = CurvatureMonitor(
+        held_out, top_n=2, per_layer=True, training=training, trace_samples=3
+    )
     monitored, monitored_losses = train([monitor])
 
     assert len(monitor.history["hessian_top_eigenvalue"]) == 3
     assert monitored_losses == plain_losses
-    for mine, theirs in zip(monitored.variables, plain.variables):  # incl. BN moving statistics
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs))
+    for mine, theirs in zip(
+        monitored.variables, plain.variables
+    ):  # incl. BN moving statistics
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(mine), keras.ops.convert_to_numpy(theirs)
+        )
 
 
 @pytest.mark.parametrize(

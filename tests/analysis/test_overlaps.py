@@ -50,7 +50,9 @@ def test_extended_singular_vectors_of_a_matrix_with_known_svd():
     np.testing.assert_allclose(result.singular_values[:3], singular_values, rtol=1e-12)
     assert result.singular_values[3] < 1e-12
     for j in range(3):  # sign-free: u_j v_j^T is unchanged when both flip
-        np.testing.assert_allclose(result.vectors[j], np.outer(u[:, j], v[:, j]).ravel(), atol=1e-12)
+        np.testing.assert_allclose(
+            result.vectors[j], np.outer(u[:, j], v[:, j]).ravel(), atol=1e-12
+        )
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0)
     np.testing.assert_allclose(
         result.singular_values @ result.vectors, kernel.ravel(), atol=1e-12
@@ -71,7 +73,8 @@ def test_conv_kernel_is_read_as_spatial_by_channel_matrix():
     np.testing.assert_allclose(result.singular_values, [4.0, 1.0], rtol=1e-12)
     np.testing.assert_array_equal(result.matrix_shape, [9, 8])
     np.testing.assert_allclose(
-        result.vectors[0].reshape(3, 3, 2, 4), np.outer(u[:, 0], v[:, 0]).reshape(3, 3, 2, 4),
+        result.vectors[0].reshape(3, 3, 2, 4),
+        np.outer(u[:, 0], v[:, 0]).reshape(3, 3, 2, 4),
         atol=1e-12,
     )
 
@@ -80,12 +83,18 @@ def test_weight_alignment_of_a_weight_built_from_eigenvectors():
     rng = np.random.default_rng(4)
     eigenvectors = _orthonormal(rng, 6, 3).T
     weights = (3.0 * eigenvectors[0] + 4.0 * eigenvectors[1]).reshape(2, 3)
-    np.testing.assert_allclose(weight_alignment(weights, eigenvectors), [0.6, 0.8, 0.0], atol=1e-12)
+    np.testing.assert_allclose(
+        weight_alignment(weights, eigenvectors), [0.6, 0.8, 0.0], atol=1e-12
+    )
 
 
 def test_localisation_splits_the_squared_norm_by_variable():
     shapes = [(2, 2), (2,), (3,)]
-    vector = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0.0, 0.0]), np.array([2.0, 0.0, 0.0])]
+    vector = [
+        np.array([[1.0, 0.0], [0.0, 1.0]]),
+        np.array([0.0, 0.0]),
+        np.array([2.0, 0.0, 0.0]),
+    ]
     second = [np.zeros((2, 2)), np.array([0.0, 1.0]), np.zeros(3)]
     shares = localisation([vector, second], shapes)
     np.testing.assert_allclose(shares, [[2 / 6, 0.0, 4 / 6], [0.0, 1.0, 0.0]])
@@ -106,7 +115,10 @@ def test_singular_directions_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: overlap_matrix(np.ones((2, 3)), np.ones((2, 4))), "same number of parameters"),
+        (
+            lambda: overlap_matrix(np.ones((2, 3)), np.ones((2, 4))),
+            "same number of parameters",
+        ),
         (lambda: overlap_matrix(np.zeros((1, 3)), np.ones((1, 3))), "zero vector"),
         (lambda: extended_singular_vectors(np.ones(4)), "at least 2 dimensions"),
         (lambda: extended_singular_vectors(np.ones((2, 3)), top_n=3), "top_n"),

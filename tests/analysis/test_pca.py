@@ -20,7 +20,9 @@ from tfcurv.analysis.pca import (
     update_pca,
 )
 
-pca_module = importlib.import_module("tfcurv.analysis.pca")  # the package re-exports `pca`
+pca_module = importlib.import_module(
+    "tfcurv.analysis.pca"
+)  # the package re-exports `pca`
 
 
 def _orthonormal_columns(rng, rows, cols):
@@ -52,9 +54,15 @@ def test_pca_recovers_planted_directions_and_variances(num_params):
     np.testing.assert_allclose(result.explained_variance[:3], variances, rtol=1e-10)
     np.testing.assert_allclose(result.explained_variance[3:], 0.0, atol=1e-10)
     assert len(result.explained_variance) == min(steps - 1, num_params)
-    np.testing.assert_allclose(result.explained_variance_ratio[:3], np.array(variances) / 10.25)
-    np.testing.assert_allclose(np.abs(result.components @ directions), np.eye(3), atol=1e-10)
-    np.testing.assert_allclose(result.projections, states @ result.components.T, atol=1e-10)
+    np.testing.assert_allclose(
+        result.explained_variance_ratio[:3], np.array(variances) / 10.25
+    )
+    np.testing.assert_allclose(
+        np.abs(result.components @ directions), np.eye(3), atol=1e-10
+    )
+    np.testing.assert_allclose(
+        result.projections, states @ result.components.T, atol=1e-10
+    )
     np.testing.assert_allclose(result.mean, states.mean(axis=0), atol=1e-12)
     assert drift_ratio(result) == pytest.approx(9.0, rel=1e-10)
     # each component points the way the trajectory moved along it
@@ -62,18 +70,25 @@ def test_pca_recovers_planted_directions_and_variances(num_params):
 
 
 @pytest.mark.parametrize("num_params", [7, 90], ids=["covariance", "gram"])
-def test_pca_matches_covariance_eigendecomposition_of_official_code(num_params, monkeypatch):
+def test_pca_matches_covariance_eigendecomposition_of_official_code(
+    num_params, monkeypatch
+):
     """The paper's recipe: eigh(np.cov(W.T)), sorted by decreasing variance; tiny blocks."""
     monkeypatch.setattr(pca_module, "_BLOCK_ELEMENTS", 50)
     rng = np.random.default_rng(1)
-    states = np.cumsum(rng.standard_normal((40, num_params)) * np.linspace(2, 0.1, num_params), 0)
+    states = np.cumsum(
+        rng.standard_normal((40, num_params)) * np.linspace(2, 0.1, num_params), 0
+    )
 
     result = pca(states, n_components=4)
 
     values, vectors = np.linalg.eigh(np.atleast_2d(np.cov(states.T)))
     order = np.argsort(values)[::-1]
     np.testing.assert_allclose(
-        result.explained_variance, values[order][: min(39, num_params)], rtol=1e-8, atol=1e-10
+        result.explained_variance,
+        values[order][: min(39, num_params)],
+        rtol=1e-8,
+        atol=1e-10,
     )
     np.testing.assert_allclose(
         np.abs(result.components @ vectors[:, order[:4]]), np.eye(4), atol=1e-8
@@ -85,14 +100,20 @@ def test_update_pca_recovers_planted_update_directions():
     num_params, variances = 50, [4.0, 0.5]
     directions = _orthonormal_columns(rng, num_params, 2)
     updates = _planted_series(rng, 30, variances) @ directions.T
-    states = np.concatenate([np.zeros((1, num_params)), np.cumsum(updates, axis=0)]) + 1.0
+    states = (
+        np.concatenate([np.zeros((1, num_params)), np.cumsum(updates, axis=0)]) + 1.0
+    )
 
     result = update_pca(states, n_components=2)
 
     np.testing.assert_allclose(result.explained_variance[:2], variances, rtol=1e-10)
-    np.testing.assert_allclose(np.abs(result.components @ directions), np.eye(2), atol=1e-10)
+    np.testing.assert_allclose(
+        np.abs(result.components @ directions), np.eye(2), atol=1e-10
+    )
     assert result.projections.shape == (30, 2)
-    np.testing.assert_allclose(result.projections, updates @ result.components.T, atol=1e-10)
+    np.testing.assert_allclose(
+        result.projections, updates @ result.components.T, atol=1e-10
+    )
 
 
 def test_drift_mode_of_exponential_decay_towards_a_minimum():
@@ -100,7 +121,9 @@ def test_drift_mode_of_exponential_decay_towards_a_minimum():
     rng = np.random.default_rng(3)
     steps, num_params = 200, 40
     decay = 5.0 * (1.0 - np.exp(-np.arange(steps) / 60.0))
-    series = _planted_series(rng, steps, [np.var(decay, ddof=1), 0.01, 0.004], first_column=decay)
+    series = _planted_series(
+        rng, steps, [np.var(decay, ddof=1), 0.01, 0.004], first_column=decay
+    )
     directions = _orthonormal_columns(rng, num_params, 3)
     states = rng.standard_normal(num_params) + series @ directions.T
 
@@ -134,8 +157,14 @@ def test_results_round_trip_through_npz(tmp_path):
         (lambda: pca(np.zeros(5)), "2-D"),
         (lambda: pca(np.zeros((1, 5))), "at least 2 rows"),
         (lambda: update_pca(np.zeros((2, 5))), "at least 3 rows"),
-        (lambda: pca(np.random.default_rng(0).normal(size=(4, 5)), n_components=4), "n_components"),
-        (lambda: pca(np.random.default_rng(0).normal(size=(4, 5)), n_components=0), "n_components"),
+        (
+            lambda: pca(np.random.default_rng(0).normal(size=(4, 5)), n_components=4),
+            "n_components",
+        ),
+        (
+            lambda: pca(np.random.default_rng(0).normal(size=(4, 5)), n_components=0),
+            "n_components",
+        ),
     ],
 )
 def test_bad_input_is_rejected(call, message):

@@ -32,13 +32,20 @@ def _states():
 
 
 def test_overlap_heatmap(tmp_path):
-    _save(plots.plot_overlap_heatmap(np.random.default_rng(0).random((5, 7)), title="x"), tmp_path / "a.png")
+    _save(
+        plots.plot_overlap_heatmap(np.random.default_rng(0).random((5, 7)), title="x"),
+        tmp_path / "a.png",
+    )
 
 
 def test_drift_and_explained_variance(tmp_path):
     _save(plots.plot_drift(drift_mode(_states())), tmp_path / "b.png")
-    _save(plots.plot_explained_variance(pca(_states(), 3).explained_variance_ratio, label="w"),
-          tmp_path / "c.png")
+    _save(
+        plots.plot_explained_variance(
+            pca(_states(), 3).explained_variance_ratio, label="w"
+        ),
+        tmp_path / "c.png",
+    )
 
 
 def test_layer_eigenvalues(tmp_path):
@@ -53,16 +60,23 @@ def test_layer_eigenvalues(tmp_path):
 
 
 def test_spectral_density(tmp_path):
-    density = SpectralDensity(nodes=np.array([[0.0, 1.0, 5.0]]), weights=np.array([[0.5, 0.3, 0.2]]))
+    density = SpectralDensity(
+        nodes=np.array([[0.0, 1.0, 5.0]]), weights=np.array([[0.5, 0.3, 0.2]])
+    )
     _save(plots.plot_spectral_density(density), tmp_path / "e.png")
 
 
 def test_reconstruction(tmp_path):
     curve = ReconstructionCurve(
-        counts=np.arange(3), loss=np.array([2.0, 1.0, 0.5]), accuracy=np.array([0.1, 0.5, 0.9]),
-        original_loss=0.5, original_accuracy=0.9,
+        counts=np.arange(3),
+        loss=np.array([2.0, 1.0, 0.5]),
+        accuracy=np.array([0.1, 0.5, 0.9]),
+        original_loss=0.5,
+        original_accuracy=0.9,
     )
     _save(plots.plot_reconstruction({"Hessian": curve}), tmp_path / "f.png")
-    _save(plots.plot_reconstruction({"Hessian": curve}, metric="loss"), tmp_path / "g.png")
+    _save(
+        plots.plot_reconstruction({"Hessian": curve}, metric="loss"), tmp_path / "g.png"
+    )
     with pytest.raises(ValueError, match="metric"):
         plots.plot_reconstruction({"Hessian": curve}, metric="auc")

@@ -18,7 +18,9 @@ def test_projected_weights_are_partial_sums_of_projections():
     weights = rng.standard_normal(5)
     rebuilt = projected_weights(weights, directions, [0, 2, 5])
     np.testing.assert_array_equal(rebuilt[0], 0.0)
-    np.testing.assert_allclose(rebuilt[1], directions[:2].T @ (directions[:2] @ weights))
+    np.testing.assert_allclose(
+        rebuilt[1], directions[:2].T @ (directions[:2] @ weights)
+    )
     np.testing.assert_allclose(rebuilt[2], weights, atol=1e-12)
 
 
@@ -28,15 +30,22 @@ def test_quadratic_loss_along_the_reconstruction(quadratic):
     before = kernel.numpy().copy()
     _, block_vectors = quadratic.eigh(slice(0, 3))  # eigenvectors of the kernel block
 
-    curve = reconstruction_curve(model, "a/kernel", block_vectors, quadratic.data, counts=[0, 1, 3])
+    curve = reconstruction_curve(
+        model, "a/kernel", block_vectors, quadratic.data, counts=[0, 1, 3]
+    )
 
     np.testing.assert_array_equal(kernel.numpy(), before)  # restored
     bias_a = model.get_layer("a").bias.numpy()
-    other = quadratic.x2 @ model.get_layer("b").kernel.numpy() + model.get_layer("b").bias.numpy()
+    other = (
+        quadratic.x2 @ model.get_layer("b").kernel.numpy()
+        + model.get_layer("b").bias.numpy()
+    )
     for count, loss in zip(curve.counts, curve.loss):
         rebuilt = projected_weights(before, block_vectors, [count])[0].reshape(3, 1)
         prediction = quadratic.x1 @ rebuilt + bias_a + other
-        assert loss == pytest.approx(np.mean((prediction - quadratic.y) ** 2), rel=1e-10)
+        assert loss == pytest.approx(
+            np.mean((prediction - quadratic.y) ** 2), rel=1e-10
+        )
     assert curve.loss[-1] == pytest.approx(curve.original_loss, rel=1e-10)
     assert np.all(np.isnan(curve.accuracy))  # no accuracy metric compiled
 
@@ -46,12 +55,18 @@ def test_accuracy_of_a_rebuilt_softmax_classifier():
     x = rng.standard_normal((60, 4)).astype("float32")
     y = rng.integers(0, 3, 60)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax", name="out")])
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, activation="softmax", name="out")]
+    )
+    model.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"]
+    )
     directions = _orthonormal(rng, 12, 12)
     kernel, bias = (v.numpy() for v in model.get_layer("out").trainable_variables)
 
-    curve = reconstruction_curve(model, "out/kernel", directions, (x, y), counts=[4, 8, 12])
+    curve = reconstruction_curve(
+        model, "out/kernel", directions, (x, y), counts=[4, 8, 12]
+    )
 
     for count, accuracy in zip(curve.counts, curve.accuracy):
         rebuilt = projected_weights(kernel, directions, [count])[0].reshape(4, 3)
@@ -65,12 +80,16 @@ def test_weights_are_restored_when_evaluation_fails(quadratic, tmp_path):
     kernel = model.get_layer("a").kernel
     before = kernel.numpy().copy()
     with pytest.raises(Exception):  # noqa: B017 - whatever Keras raises for bad data
-        reconstruction_curve(model, "a/kernel", np.eye(3), ([quadratic.x1], quadratic.y))
+        reconstruction_curve(
+            model, "a/kernel", np.eye(3), ([quadratic.x1], quadratic.y)
+        )
     np.testing.assert_array_equal(kernel.numpy(), before)
 
 
 def test_curve_round_trips_through_npz(quadratic, tmp_path):
-    curve = reconstruction_curve(quadratic.model(), "b/kernel", np.eye(2), quadratic.data)
+    curve = reconstruction_curve(
+        quadratic.model(), "b/kernel", np.eye(2), quadratic.data
+    )
     curve.save(tmp_path / "curve.npz")
     loaded = ReconstructionCurve.load(tmp_path / "curve.npz")
     np.testing.assert_array_equal(loaded.counts, [0, 1, 2])
@@ -94,4 +113,6 @@ def test_bad_arguments(directions, counts, message):
 def test_uncompiled_model_is_rejected():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="compiled"):
-        reconstruction_curve(model, model.layers[0].kernel, np.eye(2), (np.ones((1, 2)), np.ones((1, 1))))
+        reconstruction_curve(
+            model, model.layers[0].kernel, np.eye(2), (np.ones((1, 2)), np.ones((1, 1)))
+        )

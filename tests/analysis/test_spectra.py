@@ -27,7 +27,14 @@ def test_exact_eigenpairs_match_the_known_hessian(quadratic, compiled_loss):
 
 def test_lanczos_eigenpairs_match_the_known_hessian(quadratic):
     model = quadratic.model()
-    result = hessian_eigenpairs(model, keras.losses.MeanSquaredError(), quadratic.data, top_n=3, dense_max_size=1, tol=1e-12)
+    result = hessian_eigenpairs(
+        model,
+        keras.losses.MeanSquaredError(),
+        quadratic.data,
+        top_n=3,
+        dense_max_size=1,
+        tol=1e-12,
+    )
 
     values, vectors = quadratic.eigh()
     assert not result.exact
@@ -37,37 +44,53 @@ def test_lanczos_eigenpairs_match_the_known_hessian(quadratic):
 
 def test_restriction_to_one_layer_is_the_hessian_block(quadratic):
     model = quadratic.model()
-    result = hessian_eigenpairs(model, None, quadratic.data, variables=["b"], top_n=None)
+    result = hessian_eigenpairs(
+        model, None, quadratic.data, variables=["b"], top_n=None
+    )
     values, vectors = quadratic.eigh(quadratic.layer_slices["b"])
     np.testing.assert_allclose(result.values, values, rtol=1e-10, atol=1e-12)
     _same_directions(result.vectors, vectors, atol=1e-9)
-    assert list(result.variable_names) == [v.path for v in model.get_layer("b").trainable_variables]
+    assert list(result.variable_names) == [
+        v.path for v in model.get_layer("b").trainable_variables
+    ]
 
 
 def test_compare_layers_against_numpy(quadratic):
     model = quadratic.model()
-    comparison = compare_layers(model, None, quadratic.data, variables=["a", "b"], top_n=3)
+    comparison = compare_layers(
+        model, None, quadratic.data, variables=["a", "b"], top_n=3
+    )
 
     values, vectors = quadratic.eigh()
     np.testing.assert_allclose(comparison.network_values, values[:3], rtol=1e-10)
     np.testing.assert_allclose(
         comparison.localisation,
-        localisation(vectors[:3], [(4,), (3,)]),  # the layers: a = kernel+bias, b = kernel+bias
+        localisation(
+            vectors[:3], [(4,), (3,)]
+        ),  # the layers: a = kernel+bias, b = kernel+bias
         atol=1e-9,
     )
     for row, (name, block) in enumerate(quadratic.layer_slices.items()):
         layer_values, layer_vectors = quadratic.eigh(block)
-        np.testing.assert_allclose(comparison.layer_values[row], layer_values[:3], rtol=1e-10)
+        np.testing.assert_allclose(
+            comparison.layer_values[row], layer_values[:3], rtol=1e-10
+        )
         network_slice = vectors[:3, block]
-        expected = np.abs(network_slice @ layer_vectors[0]) / np.linalg.norm(network_slice, axis=1)
+        expected = np.abs(network_slice @ layer_vectors[0]) / np.linalg.norm(
+            network_slice, axis=1
+        )
         np.testing.assert_allclose(comparison.top_overlap[row], expected, atol=1e-8)
 
 
 def test_compare_layers_pads_small_variables_with_nan(quadratic):
     model = quadratic.model()
-    comparison = compare_layers(model, None, quadratic.data, top_n=2)  # biases have one entry
+    comparison = compare_layers(
+        model, None, quadratic.data, top_n=2
+    )  # biases have one entry
     assert comparison.layer_values.shape == (4, 2)
-    np.testing.assert_allclose(comparison.layer_values[1], [quadratic.hessian[3, 3], np.nan])
+    np.testing.assert_allclose(
+        comparison.layer_values[1], [quadratic.hessian[3, 3], np.nan]
+    )
     np.testing.assert_allclose(comparison.localisation.sum(axis=1), 1.0)
 
 
@@ -76,7 +99,9 @@ def test_eigenpairs_orderings_slices_and_npz(quadratic, tmp_path):
     result = hessian_eigenpairs(model, None, quadratic.data, top_n=None)
     magnitude = result.by_magnitude()
     assert np.all(np.diff(np.abs(magnitude.values)) <= 0)
-    np.testing.assert_array_equal(result.restricted_to("b/kernel"), result.vectors[:, 4:6])
+    np.testing.assert_array_equal(
+        result.restricted_to("b/kernel"), result.vectors[:, 4:6]
+    )
 
     result.save(tmp_path / "pairs.npz")
     loaded = Eigenpairs.load(tmp_path / "pairs.npz")
@@ -105,7 +130,11 @@ def test_eigenvectors_use_the_c_order_flattening_of_the_kernel():
     x = rng.standard_normal((30, 3)) * [3.0, 1.0, 0.3]
     y = rng.standard_normal((30, 2))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
-    pairs = hessian_eigenpairs(model, keras.losses.MeanSquaredError(), (x, y), top_n=None)
-    expected = np.kron(x.T @ x, np.eye(2)) / 30  # mean over 2 outputs and 30 examples, times 2
+    pairs = hessian_eigenpairs(
+        model, keras.losses.MeanSquaredError(), (x, y), top_n=None
+    )
+    expected = (
+        np.kron(x.T @ x, np.eye(2)) / 30
+    )  # mean over 2 outputs and 30 examples, times 2
     reconstructed = pairs.vectors.T @ np.diag(pairs.values) @ pairs.vectors
     np.testing.assert_allclose(reconstructed, expected, atol=1e-10)

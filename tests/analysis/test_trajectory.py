@@ -25,7 +25,9 @@ def _model():
             keras.layers.Dense(3, activation="softmax", name="out"),
         ]
     )
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy"
+    )
     return model
 
 
@@ -40,7 +42,16 @@ class _EveryStep(keras.callbacks.Callback):
 
 
 def _fit(model, callbacks, epochs=2, **kwargs):
-    model.fit(_X, _Y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kwargs)
+    model.fit(
+        _X,
+        _Y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def test_records_every_step_exactly_and_changes_nothing(tmp_path):
@@ -52,15 +63,22 @@ def test_records_every_step_exactly_and_changes_nothing(tmp_path):
     model = _model()
     _fit(model, [recorder])
 
-    for mine, theirs in zip(model.trainable_variables, reference_model.trainable_variables):
+    for mine, theirs in zip(
+        model.trainable_variables, reference_model.trainable_variables
+    ):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
     trajectory = recorder.trajectory
     assert trajectory.names == [v.path for v in model.trainable_variables]
     np.testing.assert_array_equal(trajectory.steps, np.arange(9))
     for index, name in enumerate(trajectory.names):
         states = trajectory.states(name, flatten=False)
-        assert isinstance(states, np.memmap) and states.shape == (9, *trajectory.shape(name))
-        np.testing.assert_array_equal(states, np.stack([s[index] for s in reference.states]))
+        assert isinstance(states, np.memmap) and states.shape == (
+            9,
+            *trajectory.shape(name),
+        )
+        np.testing.assert_array_equal(
+            states, np.stack([s[index] for s in reference.states])
+        )
 
 
 def test_every_k_steps_selected_variables_and_appending_fits(tmp_path):
@@ -70,13 +88,17 @@ def test_every_k_steps_selected_variables_and_appending_fits(tmp_path):
     _fit(model, [recorder], epochs=1)  # continues the same record
 
     trajectory = Trajectory(tmp_path)
-    assert trajectory.names == [v.path for v in model.get_layer("out").trainable_variables] + [
-        model.get_layer("hidden").kernel.path
-    ]
+    assert trajectory.names == [
+        v.path for v in model.get_layer("out").trainable_variables
+    ] + [model.get_layer("hidden").kernel.path]
     np.testing.assert_array_equal(trajectory.steps, [0, 3, 6, 9, 12])
-    np.testing.assert_array_equal(trajectory.states("sequential/hidden/kernel")[-1].reshape(5, 4),
-                                  model.get_layer("hidden").kernel.numpy())
-    assert pca(trajectory.states(trajectory.names[0]), n_components=2).components.shape == (2, 12)
+    np.testing.assert_array_equal(
+        trajectory.states("sequential/hidden/kernel")[-1].reshape(5, 4),
+        model.get_layer("hidden").kernel.numpy(),
+    )
+    assert pca(
+        trajectory.states(trajectory.names[0]), n_components=2
+    ).components.shape == (2, 12)
 
 
 def test_small_buffer_flushes_in_chunks_with_the_same_result(tmp_path, monkeypatch):
@@ -95,7 +117,9 @@ def test_budget_stops_before_training_when_the_plan_does_not_fit(tmp_path):
     model = _model()
     before = [v.numpy().copy() for v in model.trainable_variables]
     record_bytes = 8 + 4 * (5 * 4 + 4 + 4 * 3 + 3)
-    recorder = WeightTrajectory(tmp_path, max_bytes=8 * record_bytes)  # the plan needs 9
+    recorder = WeightTrajectory(
+        tmp_path, max_bytes=8 * record_bytes
+    )  # the plan needs 9
     with pytest.raises(TrajectoryBudgetError, match="max_bytes"):
         _fit(model, [recorder])
     for variable, value in zip(model.trainable_variables, before):
@@ -113,10 +137,15 @@ def test_budget_is_checked_before_each_record_when_steps_are_unknown(tmp_path):
 
     dataset = tf.data.Dataset.from_generator(
         batches,
-        output_signature=(tf.TensorSpec((None, 5), tf.float32), tf.TensorSpec((None,), tf.int64)),
+        output_signature=(
+            tf.TensorSpec((None, 5), tf.float32),
+            tf.TensorSpec((None,), tf.int64),
+        ),
     )
     model = _model()
-    recorder = WeightTrajectory(tmp_path, variables=["out/bias"], max_bytes=3 * (8 + 12))
+    recorder = WeightTrajectory(
+        tmp_path, variables=["out/bias"], max_bytes=3 * (8 + 12)
+    )
     with pytest.raises(TrajectoryBudgetError, match="step 3"):
         model.fit(dataset, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
     data_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.bin"))
@@ -128,7 +157,11 @@ def test_existing_trajectory_is_protected_unless_overwrite(tmp_path):
     _fit(_model(), [WeightTrajectory(tmp_path, variables=["out/bias"])])
     with pytest.raises(FileExistsError, match="overwrite=True"):
         _fit(_model(), [WeightTrajectory(tmp_path, variables=["out/bias"])])
-    _fit(_model(), [WeightTrajectory(tmp_path, variables=["hidden/bias"], overwrite=True)], epochs=1)
+    _fit(
+        _model(),
+        [WeightTrajectory(tmp_path, variables=["hidden/bias"], overwrite=True)],
+        epochs=1,
+    )
     trajectory = Trajectory(tmp_path)
     assert len(trajectory.names) == 1 and trajectory.names[0].endswith("/hidden/bias")
     assert len(trajectory) == 5

@@ -74,11 +74,23 @@ class CurvatureMonitor(keras.callbacks.Callback):
         prefix: str = "hessian",
     ):
         super().__init__()
-        for name, value in (("every", every), ("top_n", top_n), ("trace_samples", trace_samples)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        for name, value in (
+            ("every", every),
+            ("top_n", top_n),
+            ("trace_samples", trace_samples),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or value < 1
+            ):
+                raise ValueError(
+                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
+                )
         if trace is not None and trace not in _TRACE_METHODS:
-            raise ValueError(f"`trace` must be one of {_TRACE_METHODS} or None. Received: trace={trace!r}")
+            raise ValueError(
+                f"`trace` must be one of {_TRACE_METHODS} or None. Received: trace={trace!r}"
+            )
         self.data = data
         self.every = int(every)
         self.top_n = int(top_n)
@@ -103,7 +115,9 @@ class CurvatureMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         measured = (epoch + 1) % self.every == 0
-        values = self.measure() if measured else {name: math.nan for name in self._names()}
+        values = (
+            self.measure() if measured else {name: math.nan for name in self._names()}
+        )
         logs.update(values)
         if measured:
             self.history.setdefault("epoch", []).append(epoch)
@@ -126,12 +140,16 @@ class CurvatureMonitor(keras.callbacks.Callback):
         values = {}
         for label, hessian in self._operators.items():
             top_n = min(self.top_n, hessian.size)
-            eigenvalues, _ = hessian.eigenvalues(top_n, method="lanczos", **self.eigen_options)
+            eigenvalues, _ = hessian.eigenvalues(
+                top_n, method="lanczos", **self.eigen_options
+            )
             for rank, value in enumerate(eigenvalues, start=1):
                 values[self._name(label, rank)] = float(value)
             if self.trace is not None:
                 values[self._name(label, "trace")] = float(
-                    hessian.trace(self.trace, self.trace_samples, seed=self.eigen_options["seed"])
+                    hessian.trace(
+                        self.trace, self.trace_samples, seed=self.eigen_options["seed"]
+                    )
                 )
         return values
 
@@ -146,14 +164,21 @@ class CurvatureMonitor(keras.callbacks.Callback):
         return operators
 
     def _name(self, label: str, what) -> str:
-        suffix = "top_eigenvalue" if what == 1 else ("trace" if what == "trace" else f"eigenvalue_{what}")
+        suffix = (
+            "top_eigenvalue"
+            if what == 1
+            else ("trace" if what == "trace" else f"eigenvalue_{what}")
+        )
         base = f"{self.prefix}_{suffix}"
         return f"{label}_{base}" if label else base
 
     def _names(self) -> list[str]:
         names = []
         for label, hessian in (self._operators or {}).items():
-            names += [self._name(label, rank) for rank in range(1, min(self.top_n, hessian.size) + 1)]
+            names += [
+                self._name(label, rank)
+                for rank in range(1, min(self.top_n, hessian.size) + 1)
+            ]
             if self.trace is not None:
                 names.append(self._name(label, "trace"))
         return names
@@ -177,7 +202,11 @@ def _layers_with_weights(model: keras.Model) -> list:
     """Layers that own trainable variables directly (not through sub-layers)."""
     owned = []
     for layer in all_layers(model):
-        nested = {id(v) for sub in getattr(layer, "layers", []) for v in sub.trainable_variables}
+        nested = {
+            id(v)
+            for sub in getattr(layer, "layers", [])
+            for v in sub.trainable_variables
+        }
         if any(id(v) not in nested for v in layer.trainable_variables):
             owned.append(layer)
     return owned

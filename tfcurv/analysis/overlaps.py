@@ -50,7 +50,11 @@ def as_rows(vectors) -> np.ndarray:
     rows = []
     for vector in vectors:
         if isinstance(vector, (list, tuple)):
-            rows.append(np.concatenate([np.ravel(np.asarray(part, np.float64)) for part in vector]))
+            rows.append(
+                np.concatenate(
+                    [np.ravel(np.asarray(part, np.float64)) for part in vector]
+                )
+            )
         else:
             rows.append(np.ravel(np.asarray(vector, np.float64)))
     if not rows:
@@ -99,7 +103,9 @@ def extended_singular_vectors(kernel, top_n: int | None = None) -> SingularDirec
     u, s, vt = np.linalg.svd(kernel.reshape(rows, cols), full_matrices=False)
     count = len(s) if top_n is None else int(top_n)
     if not 1 <= count <= len(s):
-        raise ValueError(f"`top_n` must be in [1, {len(s)}] or None. Received: top_n={top_n!r}")
+        raise ValueError(
+            f"`top_n` must be in [1, {len(s)}] or None. Received: top_n={top_n!r}"
+        )
     vectors = np.einsum("ik,jk->kij", u[:, :count], vt[:count].T).reshape(count, -1)
     return SingularDirections(
         singular_values=s[:count], vectors=vectors, matrix_shape=np.array([rows, cols])
@@ -111,7 +117,9 @@ def weight_alignment(weights, eigenvectors) -> np.ndarray:
 
     ``weights`` is the variable (or list of variables) the eigenvectors live on.
     """
-    w = as_rows([weights] if isinstance(weights, (list, tuple)) else np.ravel(weights))[0]
+    w = as_rows([weights] if isinstance(weights, (list, tuple)) else np.ravel(weights))[
+        0
+    ]
     h = as_rows(eigenvectors)
     if h.shape[1] != w.size:
         raise ValueError(
@@ -141,7 +149,9 @@ def split_rows(rows: np.ndarray, shapes: Sequence[Sequence[int]]) -> list[np.nda
 def localisation(vectors, shapes: Sequence[Sequence[int]]) -> np.ndarray:
     """Share of ``||h_i||^2`` in each variable, shape (k, number of variables); rows sum to 1."""
     rows = as_rows(vectors)
-    squared = np.stack([np.sum(block**2, axis=1) for block in split_rows(rows, shapes)], axis=1)
+    squared = np.stack(
+        [np.sum(block**2, axis=1) for block in split_rows(rows, shapes)], axis=1
+    )
     return squared / squared.sum(axis=1, keepdims=True)
 
 

@@ -116,7 +116,9 @@ class _Rows:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self._differences:
-            return np.diff(np.asarray(self._states[start : stop + 1], np.float64), axis=0)
+            return np.diff(
+                np.asarray(self._states[start : stop + 1], np.float64), axis=0
+            )
         return np.asarray(self._states[start:stop], np.float64)
 
     def columns(self, start: int, stop: int) -> np.ndarray:
@@ -141,8 +143,10 @@ class _Rows:
 def _pca(data: _Rows, n_components: int) -> PCAResult:
     num_rows, num_params = data.shape
     rank = min(num_rows - 1, num_params)
-    if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) or not (
-        1 <= n_components <= rank
+    if (
+        isinstance(n_components, bool)
+        or not isinstance(n_components, (int, np.integer))
+        or not (1 <= n_components <= rank)
     ):
         raise ValueError(
             f"`n_components` must be an integer in [1, {rank}] (min(T-1, P) for this data). "
@@ -165,7 +169,9 @@ def _pca(data: _Rows, n_components: int) -> PCAResult:
         values, vectors = np.linalg.eigh(gram / (num_rows - 1))
         order = np.argsort(values)[::-1]
         values, left = values[order], vectors[:, order[:n_components]]
-        scale = np.sqrt(np.maximum(values[:n_components], np.finfo(float).tiny) * (num_rows - 1))
+        scale = np.sqrt(
+            np.maximum(values[:n_components], np.finfo(float).tiny) * (num_rows - 1)
+        )
         components = np.empty((n_components, num_params))
         for start, stop in data.column_ranges():
             centred = data.columns(start, stop) - mean[start:stop]
@@ -178,7 +184,9 @@ def _pca(data: _Rows, n_components: int) -> PCAResult:
     return PCAResult(
         components=components,
         explained_variance=variances,
-        explained_variance_ratio=variances / total if total > 0 else np.zeros_like(variances),
+        explained_variance_ratio=variances / total
+        if total > 0
+        else np.zeros_like(variances),
         mean=mean,
         projections=projections,
     )
@@ -187,6 +195,8 @@ def _pca(data: _Rows, n_components: int) -> PCAResult:
 def _orient(components: np.ndarray, movement: np.ndarray) -> np.ndarray:
     """Flip each component to point along the net movement (largest entry positive on ties)."""
     signs = np.sign(components @ movement)
-    largest = components[np.arange(len(components)), np.argmax(np.abs(components), axis=1)]
+    largest = components[
+        np.arange(len(components)), np.argmax(np.abs(components), axis=1)
+    ]
     signs = np.where(signs == 0, np.sign(largest), signs)
     return components * signs[:, None]

@@ -40,8 +40,15 @@ def plot_overlap_heatmap(
     ax = _axis(ax)
     overlaps = np.asarray(overlaps)
     rows, columns = overlaps.shape
-    image = ax.imshow(overlaps, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
-                      interpolation="nearest", extent=(0.5, columns + 0.5, rows + 0.5, 0.5))
+    image = ax.imshow(
+        overlaps,
+        vmin=0.0,
+        vmax=1.0,
+        cmap="viridis",
+        aspect="auto",
+        interpolation="nearest",
+        extent=(0.5, columns + 0.5, rows + 0.5, 0.5),
+    )
     ax.figure.colorbar(image, ax=ax, label="overlap")
     ax.set_ylabel(f"{row_label} index")
     ax.set_xlabel(f"{column_label} index")
@@ -50,7 +57,9 @@ def plot_overlap_heatmap(
     return ax
 
 
-def plot_drift(drift: DriftMode, ax=None, steps: np.ndarray | None = None, title: str | None = None):
+def plot_drift(
+    drift: DriftMode, ax=None, steps: np.ndarray | None = None, title: str | None = None
+):
     """``theta_1(t)``, the trajectory's coordinate along its drift mode."""
     ax = _axis(ax)
     steps = np.arange(len(drift.theta)) if steps is None else np.asarray(steps)
@@ -61,18 +70,28 @@ def plot_drift(drift: DriftMode, ax=None, steps: np.ndarray | None = None, title
     return ax
 
 
-def plot_layer_eigenvalues(comparison: LayerComparison, ax=None, labels: Sequence[str] | None = None):
+def plot_layer_eigenvalues(
+    comparison: LayerComparison, ax=None, labels: Sequence[str] | None = None
+):
     """Grouped bars: the top eigenvalues of every block next to the whole network's."""
     ax = _axis(ax)
-    names = list(labels) if labels is not None else [str(n) for n in comparison.variable_names]
+    names = (
+        list(labels)
+        if labels is not None
+        else [str(n) for n in comparison.variable_names]
+    )
     rows = [comparison.network_values] + list(comparison.layer_values)
     groups = ["network"] + names
     top_n = len(comparison.network_values)
     width = 0.8 / top_n
     for rank in range(top_n):
         heights = [row[rank] if rank < len(row) else np.nan for row in rows]
-        ax.bar(np.arange(len(groups)) + (rank - (top_n - 1) / 2) * width, heights, width,
-               label=f"$\\lambda_{{{rank + 1}}}$")
+        ax.bar(
+            np.arange(len(groups)) + (rank - (top_n - 1) / 2) * width,
+            heights,
+            width,
+            label=f"$\\lambda_{{{rank + 1}}}$",
+        )
     ax.set_xticks(np.arange(len(groups)), groups, rotation=30, ha="right")
     ax.set_ylabel("Hessian eigenvalue")
     if np.nanmin(np.concatenate(rows)) > 0:
@@ -81,7 +100,9 @@ def plot_layer_eigenvalues(comparison: LayerComparison, ax=None, labels: Sequenc
     return ax
 
 
-def plot_spectral_density(density, ax=None, sigma: float | None = None, log: bool = True):
+def plot_spectral_density(
+    density, ax=None, sigma: float | None = None, log: bool = True
+):
     """The smoothed spectral density of ``Hessian.density()`` (stochastic Lanczos quadrature)."""
     ax = _axis(ax)
     density.plot(ax=ax, sigma=sigma, log=log)
@@ -89,25 +110,38 @@ def plot_spectral_density(density, ax=None, sigma: float | None = None, log: boo
     return ax
 
 
-def plot_reconstruction(curves: Mapping[str, ReconstructionCurve], ax=None, metric: str = "accuracy"):
+def plot_reconstruction(
+    curves: Mapping[str, ReconstructionCurve], ax=None, metric: str = "accuracy"
+):
     """Accuracy (or loss) against the number of directions a layer is rebuilt from."""
     if metric not in ("accuracy", "loss"):
-        raise ValueError(f"`metric` must be 'accuracy' or 'loss'. Received: metric={metric!r}")
+        raise ValueError(
+            f"`metric` must be 'accuracy' or 'loss'. Received: metric={metric!r}"
+        )
     ax = _axis(ax)
     for label, curve in curves.items():
         ax.plot(curve.counts, getattr(curve, metric), marker=".", label=label)
     original = next(iter(curves.values()), None)
     if original is not None:
-        ax.axhline(getattr(original, f"original_{metric}"), color="grey", ls="--", lw=0.8,
-                   label="unchanged")
+        ax.axhline(
+            getattr(original, f"original_{metric}"),
+            color="grey",
+            ls="--",
+            lw=0.8,
+            label="unchanged",
+        )
     ax.set_xlabel("number of directions i")
     ax.set_ylabel(metric)
     ax.legend(fontsize="small")
     return ax
 
 
-def plot_explained_variance(explained_variance_ratio: np.ndarray, ax=None, label: str | None = None,
-                            count: int = 20):
+def plot_explained_variance(
+    explained_variance_ratio: np.ndarray,
+    ax=None,
+    label: str | None = None,
+    count: int = 20,
+):
     """Share of the variance along the first ``count`` principal components (log scale)."""
     ax = _axis(ax)
     ratios = np.asarray(explained_variance_ratio)[:count]

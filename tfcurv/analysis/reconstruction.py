@@ -47,10 +47,14 @@ def projected_weights(weights, directions, counts: Sequence[int]) -> np.ndarray:
     w = np.ravel(np.asarray(weights, np.float64))
     rows = as_rows(directions)
     if rows.shape[1] != w.size:
-        raise ValueError(f"`directions` have {rows.shape[1]} parameters but `weights` has {w.size}")
+        raise ValueError(
+            f"`directions` have {rows.shape[1]} parameters but `weights` has {w.size}"
+        )
     gram = rows @ rows.T
     if not np.allclose(gram, np.eye(len(rows)), atol=1e-6):
-        raise ValueError("`directions` must be orthonormal rows (e.g. eigenvectors or PCs)")
+        raise ValueError(
+            "`directions` must be orthonormal rows (e.g. eigenvectors or PCs)"
+        )
     counts = _checked_counts(counts, len(rows))
     coefficients = rows @ w
     partial = np.cumsum(coefficients[:, None] * rows, axis=0)
@@ -78,11 +82,15 @@ def reconstruction_curve(
     The variable is restored afterwards, also when evaluation fails.
     """
     if not getattr(model, "compiled", False):
-        raise ValueError("`model` must be compiled (reconstruction_curve calls model.evaluate)")
+        raise ValueError(
+            "`model` must be compiled (reconstruction_curve calls model.evaluate)"
+        )
     (target,) = resolve_variables(model, [variable])
     original = np.array(keras.ops.convert_to_numpy(target), copy=True)
     available = len(as_rows(directions))
-    counts = _checked_counts(range(available + 1) if counts is None else counts, available)
+    counts = _checked_counts(
+        range(available + 1) if counts is None else counts, available
+    )
     rebuilt = projected_weights(original, directions, counts)
     try:
         original_loss, original_accuracy = _evaluate(model, data, batch_size)
@@ -105,7 +113,9 @@ def reconstruction_curve(
 
 def _evaluate(model: keras.Model, data, batch_size: int) -> tuple[float, float]:
     if isinstance(data, (tuple, list)):
-        results = model.evaluate(*data[:2], batch_size=batch_size, verbose=0, return_dict=True)
+        results = model.evaluate(
+            *data[:2], batch_size=batch_size, verbose=0, return_dict=True
+        )
     else:
         results = model.evaluate(data, verbose=0, return_dict=True)
     accuracy_keys = [k for k in results if "accuracy" in k]

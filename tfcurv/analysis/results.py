@@ -20,7 +20,9 @@ class SavableResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write every field to ``path`` (a ``.npz`` file, uncompressed)."""
-        fields = {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        fields = {
+            f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
         np.savez(path, **fields)
 
     @classmethod

@@ -53,14 +53,20 @@ class Eigenpairs(SavableResult):
     def by_magnitude(self) -> Eigenpairs:
         """The same pairs ordered by decreasing ``|lambda|`` (the paper's ``accabs`` order)."""
         order = np.argsort(-np.abs(self.values), kind="stable")
-        return dataclasses.replace(self, values=self.values[order], vectors=self.vectors[order])
+        return dataclasses.replace(
+            self, values=self.values[order], vectors=self.vectors[order]
+        )
 
     def restricted_to(self, name: str) -> np.ndarray:
         """The (k, P_v) slice of the eigenvectors that lives on variable ``name``."""
         names = [str(n) for n in self.variable_names]
-        matches = [i for i, n in enumerate(names) if n == name or n.endswith("/" + name)]
+        matches = [
+            i for i, n in enumerate(names) if n == name or n.endswith("/" + name)
+        ]
         if len(matches) != 1:
-            raise ValueError(f"`name` must name one of {names}. Received: name={name!r}")
+            raise ValueError(
+                f"`name` must name one of {names}. Received: name={name!r}"
+            )
         return split_rows(self.vectors, self.shapes)[matches[0]]
 
 
@@ -112,14 +118,22 @@ def hessian_eigenpairs(
         tol, max_iter, seed: passed to ``Hessian.eigenvalues`` for Lanczos.
     """
     chosen = resolve_variables(model, variables)
-    hessian = Hessian(model, compiled_loss(model, loss), data, training=training, variables=chosen)
+    hessian = Hessian(
+        model, compiled_loss(model, loss), data, training=training, variables=chosen
+    )
     size = hessian.size
     if top_n is not None and (
-        isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or not 1 <= top_n <= size
+        isinstance(top_n, bool)
+        or not isinstance(top_n, (int, np.integer))
+        or not 1 <= top_n <= size
     ):
-        raise ValueError(f"`top_n` must be an integer in [1, {size}] or None. Received: top_n={top_n!r}")
+        raise ValueError(
+            f"`top_n` must be an integer in [1, {size}] or None. Received: top_n={top_n!r}"
+        )
     if size <= dense_max_size:
-        values, vectors = np.linalg.eigh(_symmetric(hessian.dense(max_size=size).astype(np.float64)))
+        values, vectors = np.linalg.eigh(
+            _symmetric(hessian.dense(max_size=size).astype(np.float64))
+        )
         order = np.argsort(values)[::-1][: size if top_n is None else top_n]
         values, rows, exact = values[order], vectors[:, order].T, True
     elif top_n is None:
@@ -128,8 +142,12 @@ def hessian_eigenpairs(
             f"parameters, more than dense_max_size={dense_max_size}"
         )
     else:
-        values, vectors = hessian.eigenvalues(top_n, method="lanczos", tol=tol, max_iter=max_iter, seed=seed)
-        rows = np.stack([np.concatenate([np.ravel(p) for p in v]) for v in vectors]).astype(np.float64)
+        values, vectors = hessian.eigenvalues(
+            top_n, method="lanczos", tol=tol, max_iter=max_iter, seed=seed
+        )
+        rows = np.stack(
+            [np.concatenate([np.ravel(p) for p in v]) for v in vectors]
+        ).astype(np.float64)
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
         exact = False
     return Eigenpairs(
@@ -175,7 +193,9 @@ def compare_layers(
     slices = split_rows(network.vectors[:top_n], block_shapes)
     layer_values, top_overlap = [], []
     for block, network_slice, (size,) in zip(blocks, slices, block_shapes):
-        pairs = hessian_eigenpairs(model, loss, data, block, min(top_n, size), **eigen_kwargs)
+        pairs = hessian_eigenpairs(
+            model, loss, data, block, min(top_n, size), **eigen_kwargs
+        )
         layer_values.append(_pad(pairs.values, top_n))
         top_overlap.append(overlap_matrix(pairs.vectors[:1], network_slice)[0])
     return LayerComparison(
@@ -190,7 +210,11 @@ def compare_layers(
 def _blocks(model: keras.Model, variables: Sequence | None) -> list[list]:
     if variables is None:
         return [[v] for v in model.trainable_variables]
-    items = [variables] if isinstance(variables, (str, keras.layers.Layer)) else list(variables)
+    items = (
+        [variables]
+        if isinstance(variables, (str, keras.layers.Layer))
+        else list(variables)
+    )
     return [resolve_variables(model, [item]) for item in items]
 
 

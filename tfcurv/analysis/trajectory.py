@@ -49,11 +49,19 @@ class Trajectory:
                 f"`directory` holds no recorded trajectory ({meta_path} is missing). "
                 f"Received: directory={str(directory)!r}"
             )
-        self._variables = {v["name"]: v for v in json.loads(meta_path.read_text())["variables"]}
+        self._variables = {
+            v["name"]: v for v in json.loads(meta_path.read_text())["variables"]
+        }
         steps_path = self.directory / _STEPS_FILE
-        count = steps_path.stat().st_size // _STEP_DTYPE.itemsize if steps_path.exists() else 0
+        count = (
+            steps_path.stat().st_size // _STEP_DTYPE.itemsize
+            if steps_path.exists()
+            else 0
+        )
         self.steps: np.ndarray = (
-            np.fromfile(steps_path, dtype=_STEP_DTYPE, count=count) if count else np.zeros(0, _STEP_DTYPE)
+            np.fromfile(steps_path, dtype=_STEP_DTYPE, count=count)
+            if count
+            else np.zeros(0, _STEP_DTYPE)
         )
 
     @property
@@ -76,10 +84,17 @@ class Trajectory:
         entry = self._entry(name)
         shape = tuple(entry["shape"])
         if len(self) == 0:
-            return np.zeros((0, int(np.prod(shape))) if flatten else (0, *shape), entry["dtype"])
-        full_shape = (len(self), int(np.prod(shape))) if flatten else (len(self), *shape)
+            return np.zeros(
+                (0, int(np.prod(shape))) if flatten else (0, *shape), entry["dtype"]
+            )
+        full_shape = (
+            (len(self), int(np.prod(shape))) if flatten else (len(self), *shape)
+        )
         return np.memmap(
-            self.directory / entry["file"], dtype=entry["dtype"], mode="r", shape=full_shape
+            self.directory / entry["file"],
+            dtype=entry["dtype"],
+            mode="r",
+            shape=full_shape,
         )
 
     def _entry(self, name: str) -> dict:
@@ -125,10 +140,18 @@ class WeightTrajectory(keras.callbacks.Callback):
         overwrite: bool = False,
     ):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            raise ValueError(f"`every` must be a positive integer. Received: every={every!r}")
+        if (
+            isinstance(every, bool)
+            or not isinstance(every, (int, np.integer))
+            or every < 1
+        ):
+            raise ValueError(
+                f"`every` must be a positive integer. Received: every={every!r}"
+            )
         if max_bytes is not None and (
-            isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1
+            isinstance(max_bytes, bool)
+            or not isinstance(max_bytes, (int, np.integer))
+            or max_bytes < 1
         ):
             raise ValueError(
                 f"`max_bytes` must be a positive integer or None. Received: max_bytes={max_bytes!r}"
@@ -154,7 +177,9 @@ class WeightTrajectory(keras.callbacks.Callback):
     def record_bytes(self) -> int:
         """Bytes one record takes on disk (all variables and the step number)."""
         if self._variables is None:
-            raise RuntimeError("the recorded variables are known once `fit` has started")
+            raise RuntimeError(
+                "the recorded variables are known once `fit` has started"
+            )
         return _STEP_DTYPE.itemsize + sum(
             int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in self._variables
         )
@@ -167,7 +192,9 @@ class WeightTrajectory(keras.callbacks.Callback):
             self._start_files()
         self._check_planned_budget()
         step = self._current_step()
-        if self._last_step is None or (step % self.every == 0 and step != self._last_step):
+        if self._last_step is None or (
+            step % self.every == 0 and step != self._last_step
+        ):
             self._record(step)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -220,7 +247,11 @@ class WeightTrajectory(keras.callbacks.Callback):
         if self.max_bytes is None or not steps or not epochs:
             return
         planned_records = 1 + (int(steps) * int(epochs)) // self.every
-        planned = self._bytes_written + self._buffered_bytes() + planned_records * self.record_bytes
+        planned = (
+            self._bytes_written
+            + self._buffered_bytes()
+            + planned_records * self.record_bytes
+        )
         if planned > self.max_bytes:
             raise TrajectoryBudgetError(
                 f"recording {planned_records} states of {self.record_bytes} bytes "
@@ -238,7 +269,9 @@ class WeightTrajectory(keras.callbacks.Callback):
                     f"{self.directory} to {total} bytes, more than max_bytes={self.max_bytes}. "
                     "Record fewer variables, raise `every`, or raise `max_bytes`."
                 )
-        values = [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in self._variables]
+        values = [
+            np.array(keras.ops.convert_to_numpy(v), copy=True) for v in self._variables
+        ]
         self._buffer.append((step, values))
         self._last_step = step
         if self._buffered_bytes() >= _BUFFER_BYTES:
@@ -253,9 +286,14 @@ class WeightTrajectory(keras.callbacks.Callback):
         entries = json.loads((self.directory / _META_FILE).read_text())["variables"]
         for index, entry in enumerate(entries):
             with open(self.directory / entry["file"], "ab") as handle:
-                handle.writelines(np.ascontiguousarray(values[index], dtype=entry["dtype"]).tobytes() for _, values in self._buffer)
+                handle.writelines(
+                    np.ascontiguousarray(values[index], dtype=entry["dtype"]).tobytes()
+                    for _, values in self._buffer
+                )
         with open(self.directory / _STEPS_FILE, "ab") as handle:
-            handle.write(np.array([s for s, _ in self._buffer], dtype=_STEP_DTYPE).tobytes())
+            handle.write(
+                np.array([s for s, _ in self._buffer], dtype=_STEP_DTYPE).tobytes()
+            )
         self._bytes_written += self._buffered_bytes()
         self._buffer = []
 
@@ -279,7 +317,9 @@ def resolve_variables(model: keras.Model, requested: Sequence | None) -> list:
             resolved.extend(layers_by_name[item].trainable_variables)
         elif isinstance(item, str):
             matches = [
-                v for v in model.variables if v.path == item or v.path.endswith("/" + item)
+                v
+                for v in model.variables
+                if v.path == item or v.path.endswith("/" + item)
             ]
             if len(matches) != 1:
                 raise ValueError(
@@ -296,7 +336,9 @@ def resolve_variables(model: keras.Model, requested: Sequence | None) -> list:
                 f"or variable paths. Received an entry {item!r}"
             )
     if not resolved:
-        raise ValueError(f"`variables` selects no variable. Received: variables={requested!r}")
+        raise ValueError(
+            f"`variables` selects no variable. Received: variables={requested!r}"
+        )
     return list({id(v): v for v in resolved}.values())
 
 
