@@ -1,11 +1,12 @@
 """Time per training step of each tfcurv optimizer against Keras Adam and SGD.
 
 Every (model, optimizer) pair is compiled once and warmed up; then the pairs
-take turns, ``--rounds`` times, each running ``--steps`` training steps
-(``train_on_batch`` on the compiled train function, one fixed batch). Taking
-turns in one process spreads machine noise evenly over the optimizers. The
-table reports the median time per step and its ratio to Adam and to SGD on
-the same model.
+take turns in a random order, ``--rounds`` times, each running ``--steps``
+training steps (``train_on_batch`` on the compiled train function, one fixed
+batch). Taking turns in one process spreads machine noise evenly over the
+optimizers. The
+table reports the median time per step and, per model, the median over rounds
+of the ratio to Adam's (with its quartiles) and to SGD's time in the same round.
 
     python benchmarks/step_time.py [--models mlp bn_cnn] [--out results.json]
 
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import pathlib
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -91,12 +93,12 @@ class Contestant:
     model: keras.Model
     batch: tuple
 
-    def run(self, steps: int) -> float:
+    def run(self, steps: int, clock=time.perf_counter) -> float:
         """Seconds per step over ``steps`` consecutive steps."""
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             self.model.train_on_batch(*self.batch)
-        return (time.perf_counter() - start) / steps
+        return (clock() - start) / steps
 
 
 def prepare(model_name, optimizer_name, factory, needs_tfcurv_step, batch_size, warmup):
@@ -116,42 +118,76 @@ def prepare(model_name, optimizer_name, factory, needs_tfcurv_step, batch_size, 
     return contestant
 
 
-def measure(contestants, rounds: int, steps: int) -> dict[tuple[str, str], list[float]]:
+CLOCKS = {
+    # elapsed time: what a user waits for
+    "wall": time.perf_counter,
+    # CPU time of this process (all threads): less sensitive to other
+    # processes on a shared machine
+    "process": time.process_time,
+}
+
+
+def measure(
+    contestants, rounds: int, steps: int, clock
+) -> dict[tuple[str, str], list[float]]:
+    """Every contestant once per round, in a new random order each round
+    (a fixed order favours some positions by several per cent)."""
     times = {(c.model_name, c.optimizer_name): [] for c in contestants}
+    order = list(contestants)
+    shuffler = random.Random(0)
     for _ in range(rounds):
-        for contestant in contestants:
+        shuffler.shuffle(order)
+        for contestant in order:
             times[(contestant.model_name, contestant.optimizer_name)].append(
-                contestant.run(steps)
+                contestant.run(steps, clock)
             )
     return times
 
 
+def paired_ratio(times, key, baseline) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of ``time / baseline time`` in that round.
+
+    Pairing by round cancels slow changes of machine load between rounds.
+    """
+    ratios = [t / b for t, b in zip(times[key], times[baseline])]
+    quartile_1, median, quartile_3 = statistics.quantiles(ratios, n=4)
+    return median, quartile_1, quartile_3
+
+
 def summarize(times) -> list[dict]:
-    medians = {key: statistics.median(values) for key, values in times.items()}
     rows = []
-    for (model_name, optimizer_name), median in medians.items():
+    for (model_name, optimizer_name), samples in times.items():
+        key = (model_name, optimizer_name)
+        to_adam = paired_ratio(times, key, (model_name, "Adam"))
+        to_sgd = paired_ratio(times, key, (model_name, "SGD"))
         rows.append(
             {
                 "model": model_name,
                 "optimizer": optimizer_name,
-                "median_ms_per_step": 1e3 * median,
-                "ratio_to_adam": median / medians[(model_name, "Adam")],
-                "ratio_to_sgd": median / medians[(model_name, "SGD")],
-                "samples_ms": [1e3 * t for t in times[(model_name, optimizer_name)]],
+                "median_ms_per_step": 1e3 * statistics.median(samples),
+                "ratio_to_adam": to_adam[0],
+                "ratio_to_adam_quartiles": to_adam[1:],
+                "ratio_to_sgd": to_sgd[0],
+                "ratio_to_sgd_quartiles": to_sgd[1:],
+                "samples_ms": [1e3 * t for t in samples],
             }
         )
     return rows
 
 
 def print_table(rows) -> None:
-    header = f"{'model':<8} {'optimizer':<28} {'ms/step':>9} {'/ Adam':>7} {'/ SGD':>7}"
+    header = (
+        f"{'model':<8} {'optimizer':<28} {'ms/step':>9} {'/ Adam':>7} "
+        f"{'(quartiles)':>13} {'/ SGD':>7}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
+        low, high = row["ratio_to_adam_quartiles"]
         print(
             f"{row['model']:<8} {row['optimizer']:<28} "
             f"{row['median_ms_per_step']:9.3f} {row['ratio_to_adam']:7.3f} "
-            f"{row['ratio_to_sgd']:7.3f}"
+            f"  {low:5.3f}-{high:5.3f} {row['ratio_to_sgd']:7.3f}"
         )
 
 
@@ -168,6 +204,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--out", type=pathlib.Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -180,7 +217,7 @@ def main(argv=None) -> list[dict]:
         for entry in entries
         for row in entry.rows()
     ]
-    rows = summarize(measure(contestants, args.rounds, args.steps))
+    rows = summarize(measure(contestants, args.rounds, args.steps, CLOCKS[args.clock]))
     print_table(rows)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
