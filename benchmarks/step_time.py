@@ -65,7 +65,11 @@ BASELINES = [
     Entry("SGD", lambda: keras.optimizers.SGD(1e-2, momentum=0.9)),
 ]
 OPTIMIZERS = [
-    Entry("AGD", lambda: tfcurv.optimizers.AGD(1e-3)),
+    Entry(
+        "AGD",
+        lambda: tfcurv.optimizers.AGD(1e-3),
+        variants={"unfused": lambda: tfcurv.optimizers.AGD(1e-3, fused=False)},
+    ),
     Entry(
         "AdaFisher",
         lambda: tfcurv.optimizers.AdaFisher(1e-3),
