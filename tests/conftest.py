@@ -22,15 +22,15 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import pytest
+import tensorflow as tf
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
 
-import keras  # noqa: E402
+import keras
 
 REFERENCE_DIR = pathlib.Path(
     os.environ.get(
@@ -49,6 +49,18 @@ def _float32_and_clean_session():
     yield
     keras.config.set_floatx("float32")
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def two_replica_strategy() -> tf.distribute.MirroredStrategy:
+    """One ``MirroredStrategy`` over the two logical CPUs, shared by the session.
+
+    Shared because on TF 2.21 a second ``MirroredStrategy`` created in the same
+    process reuses the first one's collective instance keys, and the next model
+    of another size then fails with "Shape mismatch in the collective instance"
+    (plain Keras SGD too). One strategy for many models is the normal use.
+    """
+    return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ Public names (see ``docs/api.md``):
 
 __version__ = "0.1.0"
 
-from tfcurv import analysis, optimizers  # noqa: E402
-from tfcurv.curvature.operators import GaussNewton, Hessian  # noqa: E402
+from tfcurv import analysis, optimizers
+from tfcurv.curvature.operators import GaussNewton, Hessian
 from tfcurv.training import Model, Sequential, attach
 
 __all__ = [

@@ -70,7 +70,7 @@ def test_compare_layers_against_numpy(quadratic):
         ),  # the layers: a = kernel+bias, b = kernel+bias
         atol=1e-9,
     )
-    for row, (name, block) in enumerate(quadratic.layer_slices.items()):
+    for row, block in enumerate(quadratic.layer_slices.values()):
         layer_values, layer_vectors = quadratic.eigh(block)
         np.testing.assert_allclose(
             comparison.layer_values[row], layer_values[:3], rtol=1e-10

@@ -21,19 +21,6 @@ from tests.training.probe_optimizers import HVPProbe, StatisticsProbe
 BATCH = 8
 
 
-def _two_cpu_strategy():
-    """MirroredStrategy over the two logical CPUs.
-
-    ``ReductionToOneDevice`` rather than the default collective all-reduce: on
-    TF 2.21 a second ``MirroredStrategy`` created in the same process reuses the
-    first one's collective keys, and a model of another size then fails with
-    "Shape mismatch in the collective instance" (plain Keras SGD too).
-    """
-    return tf.distribute.MirroredStrategy(
-        ["CPU:0", "CPU:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-
-
 def _data():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2 * BATCH, 4)).astype("float32")
@@ -76,13 +63,12 @@ def _train(probe_class, initial, strategy=None):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("probe_class", [HVPProbe, StatisticsProbe])
-def test_two_replicas_equal_one_device(probe_class):
+def test_two_replicas_equal_one_device(probe_class, two_replica_strategy):
     initial = _network().get_weights()
     single, single_history = _train(probe_class, initial)
     single_weights = [w.numpy() for w in single.weights]
     single_slots = [v.numpy() for v in single.optimizer.variables]
-    strategy = _two_cpu_strategy()
-    mirrored, mirrored_history = _train(probe_class, initial, strategy)
+    mirrored, mirrored_history = _train(probe_class, initial, two_replica_strategy)
     for key in single_history:
         np.testing.assert_allclose(
             mirrored_history[key], single_history[key], rtol=1e-5
@@ -94,9 +80,8 @@ def test_two_replicas_equal_one_device(probe_class):
 
 
 @pytest.mark.distributed
-def test_jit_compile_under_a_strategy_raises_a_clear_error():
-    strategy = _two_cpu_strategy()
-    with strategy.scope():
+def test_jit_compile_under_a_strategy_raises_a_clear_error(two_replica_strategy):
+    with two_replica_strategy.scope():
         model = _network()
         optimizer = HVPProbe(learning_rate=0.1)
     with pytest.raises(ValueError, match="jit_compile=True.*distribution strategy"):

@@ -244,7 +244,7 @@ def test_threads_capturing_the_same_model_see_their_own_tensors():
                 model(np.full((1, 2), value, "float32"))
                 barrier.wait()
             results[value] = records[0].inputs.numpy()
-        except Exception as error:  # noqa: BLE001 - reported below
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=replica, args=(v,)) for v in (1.0, 2.0)]
@@ -264,8 +264,8 @@ def _assert_single_dense_restored(model):
     assert layer.activation is keras.activations.relu
 
 
-def test_mirrored_replicas_record_their_own_batch_shard():
-    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+def test_mirrored_replicas_record_their_own_batch_shard(two_replica_strategy):
+    strategy = two_replica_strategy
     with strategy.scope():
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     dataset = tf.data.Dataset.from_tensor_slices(

@@ -110,7 +110,7 @@ class CurvatureOperator:
         progress: bool | None = None,
     ):
         if not isinstance(training, bool):
-            raise ValueError(f"training must be True or False, got {training!r}")  # noqa: TRY004
+            raise ValueError(f"training must be True or False, got {training!r}")
         if mode not in products.MODES:
             raise ValueError(f"mode must be one of {products.MODES}, got {mode!r}")
         self.model = model

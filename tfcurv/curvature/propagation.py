@@ -125,7 +125,7 @@ def leaf_layers(model: keras.Model, training: bool) -> list:
             leaves.extend(leaf_layers(operation, training))
             continue
         if not isinstance(operation, L.Layer):
-            raise ValueError(  # noqa: TRY004 - an unsupported model, not a wrong type
+            raise ValueError(
                 f"curvature_propagation does not support operation "
                 f"{getattr(operation, 'name', operation)!r} ({type(operation).__name__})"
             )

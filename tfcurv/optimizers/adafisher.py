@@ -89,7 +89,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         self.update_freq = update_freq
         self.weight_decay = check_range("weight_decay", weight_decay, 0.0)
         if not isinstance(normalized_ema, bool):
-            raise ValueError(  # noqa: TRY004 - tfcurv reports every bad argument as ValueError
+            raise ValueError(
                 f"`normalized_ema` must be True or False. Received: {normalized_ema!r}"
             )
         self.normalized_ema = normalized_ema

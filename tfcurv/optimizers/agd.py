@@ -315,7 +315,7 @@ class AGD(keras.optimizers.Optimizer):
 
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(  # noqa: TRY004 (the project reports bad arguments as ValueError)
+        raise ValueError(
             f"`{name}` must be True or False. Received: {name}={value!r}"
         )
     return value

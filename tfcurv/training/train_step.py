@@ -203,7 +203,7 @@ def curvature_train_step(model: keras.Model, data):
         # A subclassed model may create its variables in the forward pass above.
         variables = list(model.trainable_variables)
         if not variables:
-            warnings.warn("The model does not have any trainable weights.")
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
             return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # Still inside the outer tape: the gradient computation is recorded, so
         # it can be differentiated again for Hessian-vector products.
