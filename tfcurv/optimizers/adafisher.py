@@ -50,6 +50,9 @@ def _factor_sizes(shape) -> tuple[int, int]:
 class _AdaFisherBase(CurvatureOptimizer):
     """Statistics, factor state and preconditioner shared by AdaFisher and AdaFisherW."""
 
+    #: The optimizer's name when none is given (Keras' convention: the class, snake case).
+    default_name: str
+
     statistics_layer_types = (
         keras.layers.Dense,
         keras.layers.Conv2D,
@@ -71,7 +74,9 @@ class _AdaFisherBase(CurvatureOptimizer):
     ):
         # `weight_decay` is not passed on: Keras' own (decoupled, float32-cast)
         # decay stays off, the decay of both variants is part of `update_step`.
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        super().__init__(
+            learning_rate=learning_rate, name=name or self.default_name, **kwargs
+        )
         if isinstance(learning_rate, (int, float)):
             check_range("learning_rate", learning_rate, 0.0)
         self.beta = check_range("beta", beta, 0.0, 1.0, high_inclusive=False)
@@ -346,29 +351,7 @@ class AdaFisher(_AdaFisherBase):
     ``tfcurv.Model``, ``tfcurv.Sequential``).
     """
 
-    def __init__(
-        self,
-        learning_rate=1e-3,
-        beta: float = 0.9,
-        damping: float = 1e-3,
-        gamma: float = 0.8,
-        update_freq: int = 100,
-        weight_decay: float = 0.0,
-        normalized_ema: bool = False,
-        name: str = "adafisher",
-        **kwargs,
-    ):
-        super().__init__(
-            learning_rate=learning_rate,
-            beta=beta,
-            damping=damping,
-            gamma=gamma,
-            update_freq=update_freq,
-            weight_decay=weight_decay,
-            normalized_ema=normalized_ema,
-            name=name,
-            **kwargs,
-        )
+    default_name = "adafisher"
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -392,29 +375,7 @@ class AdaFisherW(_AdaFisherBase):
     Same arguments as :class:`AdaFisher`.
     """
 
-    def __init__(
-        self,
-        learning_rate=1e-3,
-        beta: float = 0.9,
-        damping: float = 1e-3,
-        gamma: float = 0.8,
-        update_freq: int = 100,
-        weight_decay: float = 0.0,
-        normalized_ema: bool = False,
-        name: str = "adafisherw",
-        **kwargs,
-    ):
-        super().__init__(
-            learning_rate=learning_rate,
-            beta=beta,
-            damping=damping,
-            gamma=gamma,
-            update_freq=update_freq,
-            weight_decay=weight_decay,
-            normalized_ema=normalized_ema,
-            name=name,
-            **kwargs,
-        )
+    default_name = "adafisherw"
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
