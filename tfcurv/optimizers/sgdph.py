@@ -28,6 +28,8 @@ training step's own forward pass, exact through normalisation layers.
 
 from __future__ import annotations
 
+import numbers
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -74,6 +76,7 @@ class SGDPH(CurvatureOptimizer):
         tau: float = 1e-3,
         epsilon: float = 1e-4,
         weight_decay: float = 0.0,
+        curvature_every: int = 1,
         name: str = "sgdph",
         **kwargs,
     ):
@@ -92,6 +95,16 @@ class SGDPH(CurvatureOptimizer):
         )
         self.tau = check_range("tau", tau, 0.0, None, low_inclusive=False)
         self.epsilon = check_range("epsilon", epsilon, 0.0, None, low_inclusive=False)
+        if (
+            isinstance(curvature_every, bool)
+            or not isinstance(curvature_every, numbers.Integral)
+            or curvature_every < 1
+        ):
+            raise ValueError(
+                "`curvature_every` must be an integer >= 1. "
+                f"Received: curvature_every={curvature_every!r}"
+            )
+        self.curvature_every = int(curvature_every)
 
     def build(self, var_list):
         """Create the slots; decide which variables are 1-D and which is last."""
@@ -129,35 +142,54 @@ class SGDPH(CurvatureOptimizer):
         ``θ − θ·wd·lr`` whenever ``weight_decay`` is set.
         """
 
+    def _refresh_count(self):
+        """How many curvature refreshes came before this step (``⌊s/k⌋``)."""
+        return self.iterations // self.curvature_every
+
+    def _refreshes_now(self):
+        """Whether this step computes a product: ``s mod k = 0``."""
+        return ops.equal(self.iterations % self.curvature_every, 0)
+
     def _round_robin_target(self):
-        return self.iterations % self._num_one_d
+        return self._refresh_count() % self._num_one_d
 
     def compute_curvature(self, context):
         """``H_kk·1`` for this step's round-robin target ``k`` (zeros elsewhere).
 
-        The target is a tensor (no retracing as it moves); the tangent is ones on
-        ``p_k`` and zeros on the other 1-D variables, and no tangent at all on
-        the rest. The sign is kept: ``|·|`` is taken after the all-reduce.
+        The target is a tensor (no retracing as it moves). ``ops.switch`` over
+        the 1-D variables runs only the target's branch: the product of the
+        tangent ``1`` on ``p_k`` with ``p_k``'s own gradient, differentiated
+        with respect to ``p_k`` alone, so the second backward goes no further
+        into the network than ``p_k``. On the steps between refreshes
+        (``curvature_every > 1``) an ``ops.cond`` skips the second backward
+        entirely. The sign is kept: ``|·|`` is taken after the all-reduce.
         """
         if self._num_one_d == 0:
             return [], []
-        target = self._round_robin_target()
         variables = list(context.variables)
         one_d = list(self._one_d_position)
-        is_target = [ops.equal(target, self._one_d_position[i]) for i in one_d]
-        vectors = [None] * len(variables)
-        for i, selected in zip(one_d, is_target):
-            vectors[i] = ops.cast(selected, variables[i].dtype) * ops.ones(
-                variables[i].shape, variables[i].dtype
-            )
-        products = context.hessian_vector_product(
-            vectors, [variables[i] for i in one_d]
+        zeros = [ops.zeros(variables[i].shape, variables[i].dtype) for i in one_d]
+
+        def product_on(position: int):
+            index = one_d[position]
+
+            def branch():
+                vectors = [None] * len(variables)
+                vectors[index] = ops.ones(variables[index].shape, variables[index].dtype)
+                (product,) = context.hessian_vector_product(vectors, [variables[index]])
+                return [product if j == position else z for j, z in enumerate(zeros)]
+
+            return branch
+
+        curvature = ops.cond(
+            self._refreshes_now(),
+            lambda: ops.switch(
+                self._round_robin_target(),
+                [product_on(p) for p in range(self._num_one_d)],
+            ),
+            lambda: zeros,
         )
-        curvature = [
-            ops.where(selected, product, ops.zeros_like(product))
-            for selected, product in zip(is_target, products)
-        ]
-        return curvature, ["sum"] * len(curvature)
+        return list(curvature), ["sum"] * len(curvature)
 
     def store_curvature(self, values):
         for slot, value in zip(self.curvatures, values):
@@ -203,14 +235,19 @@ class SGDPH(CurvatureOptimizer):
         refreshed = diagonal * constant(self.momentum, dtype) + curvature * constant(
             1.0 - self.momentum, dtype
         )
-        is_target = ops.equal(self._round_robin_target(), position)
+        is_target = ops.logical_and(
+            self._refreshes_now(), ops.equal(self._round_robin_target(), position)
+        )
         new_diagonal = ops.where(is_target, refreshed, diagonal)
         self.assign(diagonal, new_diagonal)
         return new_diagonal
 
     def _bias_correction(self, dtype):
-        """``1 − β^(⌊(s+1)/M⌋+1)``, shared by all 1-D variables (official phase)."""
-        exponent = (self.iterations + 1) // self._num_one_d + 1
+        """``1 − β^(⌊(r+1)/M⌋+1)`` with ``r = ⌊s/k⌋``, shared by all 1-D variables.
+
+        ``r`` counts refreshes, so with ``k = 1`` this is the official phase.
+        """
+        exponent = (self._refresh_count() + 1) // self._num_one_d + 1
         return constant(1.0, dtype) - ops.power(
             constant(self.momentum, dtype), ops.cast(exponent, dtype)
         )
@@ -218,6 +255,11 @@ class SGDPH(CurvatureOptimizer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
-            {"momentum": self.momentum, "tau": self.tau, "epsilon": self.epsilon}
+            {
+                "momentum": self.momentum,
+                "tau": self.tau,
+                "epsilon": self.epsilon,
+                "curvature_every": self.curvature_every,
+            }
         )
         return config

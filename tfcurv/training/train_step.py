@@ -182,8 +182,11 @@ def curvature_train_step(model: keras.Model, data):
         dict.fromkeys(t for o in wanted for t in o.statistics_layer_types)
     )
 
+    # Persistent whenever products are wanted: an optimizer may trace its
+    # product in several branches of an ``ops.cond``/``ops.switch`` (only the
+    # branch taken runs; in a tf.function persistence costs nothing at run time).
     outer_tape = (
-        tf.GradientTape(persistent=products_wanted > 1)
+        tf.GradientTape(persistent=True)
         if products_wanted
         else contextlib.nullcontext()
     )
