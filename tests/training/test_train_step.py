@@ -352,6 +352,10 @@ def test_evaluate_and_predict_are_keras_own():
     )
 
 
+@pytest.mark.skipif(
+    not hasattr(keras.optimizers, "MultiOptimizer"),
+    reason="this Keras (3.13) has no MultiOptimizer",
+)
 def test_multi_optimizer_is_looked_through_and_each_curvature_optimizer_served():
     """Two HVP probes and Keras SGD behind one MultiOptimizer: each probe gets
     ``H·1`` restricted to its own variables (ones there, rows there)."""

@@ -15,7 +15,11 @@ import keras
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
-from keras.src.optimizers.multi_optimizer import MultiOptimizer
+
+# Public as ``keras.optimizers.MultiOptimizer`` in Keras 3.15; Keras 3.13 has no
+# MultiOptimizer at all. There the empty tuple stands in for it, so that
+# ``isinstance(optimizer, MultiOptimizer)`` is simply False.
+MultiOptimizer = getattr(keras.optimizers, "MultiOptimizer", ())
 
 __all__ = [
     "Functional",
