@@ -69,15 +69,20 @@ class Data:
         for element in self._dataset:
             yield _as_batch(element, "data")
 
-    def weighted_mean(self, per_batch: Callable[[Batch], object]):
-        """``sum_b n_b f(batch_b) / sum_b n_b`` for a structure-valued ``f``."""
+    def weighted_mean(self, per_batch: Callable[[int, Batch], object]):
+        """``sum_b n_b f(b, batch_b) / sum_b n_b`` for a structure-valued ``f``.
+
+        ``f`` also gets the batch's index ``b`` (to key per-batch random draws).
+        """
         if not self.is_dataset:
-            return per_batch(self._batch)
+            return per_batch(0, self._batch)
         total, count = None, 0
         bar = keras.utils.Progbar(self.num_batches) if self.progress else None
         for index, batch in enumerate(self.batches()):
             n = batch_size(batch[0])
-            value = tf.nest.map_structure(lambda t, n=n: t * n, per_batch(batch))
+            value = tf.nest.map_structure(
+                lambda t, n=n: t * n, per_batch(index, batch)
+            )
             total = (
                 value if total is None else tf.nest.map_structure(tf.add, total, value)
             )

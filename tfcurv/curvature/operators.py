@@ -151,16 +151,20 @@ class CurvatureOperator:
 
     # -- products ---------------------------------------------------------------------
 
-    def _products_on_batch(self, x, y, sample_weight, vectors):
+    # Seed of the random draws an operator makes per batch (sampled-label Fisher);
+    # operators that draw nothing ignore it.
+    sampling_seed = 0
+
+    def _products_on_batch(self, x, y, sample_weight, vectors, batch_seed):
         raise NotImplementedError
 
-    def _batch_products(self, x, y, sample_weight, flat_vectors):
+    def _batch_products(self, x, y, sample_weight, flat_vectors, batch_seed):
         """``A V^T`` on one batch, for the rows of ``flat_vectors`` (compiled)."""
         vectors = [
             vec.unflatten(flat_vectors[i], self.shapes)
             for i in range(flat_vectors.shape[0])
         ]
-        results = self._products_on_batch(x, y, sample_weight, vectors)
+        results = self._products_on_batch(x, y, sample_weight, vectors, batch_seed)
         return tf.stack([vec.flatten(r) for r in results])
 
     def _matmat(self, flat_vectors: tf.Tensor) -> tf.Tensor:
@@ -171,7 +175,9 @@ class CurvatureOperator:
             chunk = flat_vectors[start : start + _VECTORS_PER_CALL]
             chunks.append(
                 self.data.weighted_mean(
-                    lambda batch, chunk=chunk: self._compiled_products(*batch, chunk)
+                    lambda index, batch, chunk=chunk: self._compiled_products(
+                        *batch, chunk, vec.seed_pair(self.sampling_seed, index)
+                    )
                 )
             )
         return tf.concat(chunks, axis=0)
@@ -333,7 +339,9 @@ class CurvatureOperator:
             training=self.training,
         )
         return self.data.weighted_mean(
-            lambda batch: estimator.diagonal(*batch, num_samples=num_samples, seed=seed)
+            lambda _, batch: estimator.diagonal(
+                *batch, num_samples=num_samples, seed=seed
+            )
         ).numpy()
 
     def density(
@@ -363,26 +371,32 @@ class _Negated(CurvatureOperator):
 class Hessian(CurvatureOperator):
     """The Hessian of the mean loss (plus regularisation) with respect to ``variables``."""
 
-    def _products_on_batch(self, x, y, sample_weight, vectors):
+    def _products_on_batch(self, x, y, sample_weight, vectors, batch_seed):
         return products.hessian_vector_products(
             lambda: self._loss(x, y, sample_weight), self.variables, vectors, self.mode
         )
 
 
-class GaussNewton(CurvatureOperator):
-    """The generalised Gauss-Newton matrix ``J^T (d^2 loss / d outputs^2) J``.
+class OutputSpaceOperator(CurvatureOperator):
+    """A matrix ``J^T M J`` through the model outputs, plus the regularisation Hessian.
 
-    ``J`` is the Jacobian of the model outputs (logits, for cross-entropies
-    with ``from_logits=True``). The Hessian of the regularisation losses is
-    added exactly (for L2 weight penalties it is a multiple of the identity).
+    ``J`` is the Jacobian of the model outputs (logits, for cross-entropies with
+    ``from_logits=True``) and ``M`` a curvature of the loss in output space,
+    given by :meth:`_output_space_products`. The Hessian of the regularisation
+    losses is added exactly (for L2 weight penalties a multiple of the identity).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.mode != "reverse_over_reverse":
-            raise ValueError("GaussNewton supports only mode='reverse_over_reverse'")
+            raise ValueError(
+                f"{type(self).__name__} supports only mode='reverse_over_reverse'"
+            )
 
-    def _products_on_batch(self, x, y, sample_weight, vectors):
+    def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):
+        raise NotImplementedError
+
+    def _products_on_batch(self, x, y, sample_weight, vectors, batch_seed):
         regularisation_holder = []
 
         def outputs_fn():
@@ -390,11 +404,8 @@ class GaussNewton(CurvatureOperator):
             regularisation_holder.append(regularisation)
             return outputs
 
-        results = products.gauss_newton_vector_products(
-            outputs_fn,
-            lambda outputs: self.loss(y, outputs, sample_weight=sample_weight),
-            self.variables,
-            vectors,
+        results = self._output_space_products(
+            outputs_fn, y, sample_weight, vectors, batch_seed
         )
         if regularisation_holder[0] is not None:
             regularised = products.hessian_vector_products(
@@ -404,3 +415,20 @@ class GaussNewton(CurvatureOperator):
                 [a + b for a, b in zip(r, q)] for r, q in zip(results, regularised)
             ]
         return results
+
+
+class GaussNewton(OutputSpaceOperator):
+    """The generalised Gauss-Newton matrix ``J^T (d^2 loss / d outputs^2) J``.
+
+    ``J`` is the Jacobian of the model outputs (logits, for cross-entropies
+    with ``from_logits=True``). The Hessian of the regularisation losses is
+    added exactly (for L2 weight penalties it is a multiple of the identity).
+    """
+
+    def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):
+        return products.gauss_newton_vector_products(
+            outputs_fn,
+            lambda outputs: self.loss(y, outputs, sample_weight=sample_weight),
+            self.variables,
+            vectors,
+        )

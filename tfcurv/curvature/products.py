@@ -217,6 +217,11 @@ def fisher_vector_products(
     batch-coupling layers such as BatchNormalization in training mode).
     """
     linearisation = _Linearisation(outputs_fn, variables, len(vectors))
+    if len(linearisation.flat_outputs) != 1:
+        raise ValueError(
+            "Fisher products need a model with one output tensor, got "
+            f"{len(linearisation.flat_outputs)}"
+        )
     (outputs,) = linearisation.flat_outputs
     e = tf.stop_gradient(per_example_output_gradients(outputs))
     count = tf.cast(tf.shape(e)[0], e.dtype)
