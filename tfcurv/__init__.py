@@ -5,18 +5,20 @@ Public names (see ``docs/api.md``):
 * :mod:`tfcurv.optimizers`: AGD, AdaFisher, AdaFisherW, SGDPH.
 * :class:`tfcurv.Model`, :class:`tfcurv.Sequential`, :func:`tfcurv.attach`: models
   whose ``fit`` delivers curvature to the optimizers that need it.
-* :class:`tfcurv.Hessian`, :class:`tfcurv.GaussNewton`: curvature of a loss at a
-  model's current weights.
+* :class:`tfcurv.Hessian`, :class:`tfcurv.GaussNewton`, :class:`tfcurv.Fisher`:
+  curvature of a loss at a model's current weights.
 * :mod:`tfcurv.analysis`: weight trajectories, PCA, Hessian overlaps, callbacks.
 """
 
 __version__ = "0.1.0"
 
 from tfcurv import analysis, optimizers
+from tfcurv.curvature.fisher import Fisher
 from tfcurv.curvature.operators import GaussNewton, Hessian
 from tfcurv.training import Model, Sequential, attach
 
 __all__ = [
+    "Fisher",
     "GaussNewton",
     "Hessian",
     "Model",
