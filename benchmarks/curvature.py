@@ -61,7 +61,10 @@ def hvp_over_gradient(model, x, y, mode="reverse_over_reverse"):
         return tape.gradient(value, model.trainable_variables)
 
     probe = vec.rademacher([1, hessian.size], vec.seed_pair(0), hessian.dtype)
-    hvp_time = _median_seconds(lambda: hessian._compiled_products(x, y, None, probe))
+    seed = vec.seed_pair(0)
+    hvp_time = _median_seconds(
+        lambda: hessian._compiled_products(x, y, None, probe, seed)
+    )
     return hvp_time / _median_seconds(gradient)
 
 

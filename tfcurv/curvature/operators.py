@@ -328,16 +328,27 @@ class CurvatureOperator:
             f"got {method!r}"
         )
 
-    def _curvature_propagation(self, num_samples: int, seed: int) -> np.ndarray:
-        from tfcurv.curvature import propagation
+    def _propagation_estimator(self):
+        """The Curvature Propagation estimator of this matrix (built and traced once)."""
+        if getattr(self, "_propagation", None) is None:
+            from tfcurv.curvature import propagation
 
-        estimator = propagation.CurvaturePropagation(
-            self.model,
-            self.loss,
-            self.variables,
-            gauss_newton=isinstance(self, GaussNewton),
-            training=self.training,
-        )
+            if not isinstance(self, (Hessian, GaussNewton)):
+                raise ValueError(
+                    "curvature_propagation estimates Hessian and Gauss-Newton "
+                    f"diagonals only, not {type(self).__name__}"
+                )
+            self._propagation = propagation.CurvaturePropagation(
+                self.model,
+                self.loss,
+                self.variables,
+                gauss_newton=isinstance(self, GaussNewton),
+                training=self.training,
+            )
+        return self._propagation
+
+    def _curvature_propagation(self, num_samples: int, seed: int) -> np.ndarray:
+        estimator = self._propagation_estimator()
         return self.data.weighted_mean(
             lambda _, batch: estimator.diagonal(
                 *batch, num_samples=num_samples, seed=seed
