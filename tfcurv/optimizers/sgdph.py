@@ -90,9 +90,7 @@ class SGDPH(CurvatureOptimizer):
             name=name,
             **kwargs,
         )
-        self.momentum = check_range(
-            "momentum", momentum, 0.0, 1.0, high_inclusive=False
-        )
+        self.momentum = check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
         self.tau = check_range("tau", tau, 0.0, None, low_inclusive=False)
         self.epsilon = check_range("epsilon", epsilon, 0.0, None, low_inclusive=False)
         if (
@@ -120,9 +118,7 @@ class SGDPH(CurvatureOptimizer):
         self.momentum_buffers = [
             self.add_variable_from_reference(v, "momentum_buffer") for v in var_list
         ]
-        self.diagonals = [
-            self.add_variable_from_reference(var_list[i], "diag") for i in one_d
-        ]
+        self.diagonals = [self.add_variable_from_reference(var_list[i], "diag") for i in one_d]
         # Written by the train step in replica context with identical (already
         # all-reduced) values on every replica.
         self.curvatures = [
