@@ -83,6 +83,7 @@ CASES = [
             "tau": POSITIVE,
             "epsilon": POSITIVE,
             "weight_decay": NON_NEGATIVE,
+            "curvature_every": Interval(1, None, integer=True),
         },
         needs_tfcurv_step=True,
     ),
