@@ -78,7 +78,17 @@ OPTIMIZERS = [
             "statistics step": lambda: tfcurv.optimizers.AdaFisher(1e-3, update_freq=1)
         },
     ),
-    Entry("SGDPH", lambda: tfcurv.optimizers.SGDPH(1e-2), needs_tfcurv_step=True),
+    Entry(
+        "SGDPH",
+        lambda: tfcurv.optimizers.SGDPH(1e-2),
+        needs_tfcurv_step=True,
+        variants={
+            f"curvature_every={k}": (
+                lambda k=k: tfcurv.optimizers.SGDPH(1e-2, curvature_every=k)
+            )
+            for k in (2, 4, 10)
+        },
+    ),
     # The tfcurv train step's overhead with an optimizer that needs no curvature.
     Entry(
         "SGD attached",
