@@ -53,6 +53,9 @@ def _conv_model():
     h = keras.layers.Activation("softplus", name="softplus")(h)
     skip = keras.layers.Conv2D(3, 1, activation="sigmoid", name="skip")(inputs)
     h = keras.layers.Add(name="add")([h, skip])
+    h = keras.layers.DepthwiseConv2D(
+        3, depth_multiplier=2, activation="tanh", name="depthwise"
+    )(h)
     h = keras.layers.MaxPooling2D(2, name="pool")(h)
     h = keras.layers.Flatten(name="flatten")(h)
     h = keras.layers.Dropout(0.3, name="dropout")(h)

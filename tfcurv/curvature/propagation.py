@@ -21,8 +21,8 @@ probes (injections enter as constant cotangents), so a sample costs one extra
 backward pass per propagated vector (two for the Hessian, one for the GGN).
 
 Supported: Sequential and Functional models of Dense, Conv1D, Conv2D
-(channels_last, groups=1), BatchNormalization in inference mode, elementwise
-activations, pooling, Flatten, Reshape, Add / Subtract / Concatenate /
+(channels_last, groups=1), DepthwiseConv2D (channels_last), BatchNormalization
+in inference mode, elementwise activations, pooling, Flatten, Reshape, Add / Subtract / Concatenate /
 Average, Dropout and padding layers; losses: softmax cross-entropy and sigmoid
 binary cross-entropy from logits, mean squared error, on ``(N, C)`` outputs,
 without sample weights or regularisation losses. Anything else raises a
@@ -41,7 +41,7 @@ from tfcurv.curvature import vectors as vec
 from tfcurv.curvature.exact_moments import exact_second_derivatives
 
 L = keras.layers
-_PARAMETERISED = (L.Dense, L.Conv1D, L.Conv2D, L.BatchNormalization)
+_PARAMETERISED = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.BatchNormalization)
 _ELEMENTWISE_LAYERS = (L.ReLU, L.LeakyReLU, L.ELU)
 _ELEMENTWISE_FUNCTIONS = {
     "relu", "tanh", "sigmoid", "softplus", "gelu", "elu", "selu", "silu", "swish",
@@ -87,7 +87,10 @@ def _check_layer(layer, training: bool) -> None:
             raise _unsupported(
                 layer, "needs groups=1, channels_last, padding 'valid' or 'same'"
             )
-    if isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D)):
+    if isinstance(layer, L.DepthwiseConv2D):
+        if type(layer) is not L.DepthwiseConv2D or layer.data_format != "channels_last":
+            raise _unsupported(layer, "only plain DepthwiseConv2D, channels_last")
+    if isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv2D)):
         name = _activation_name(layer.activation)
         if name not in _ELEMENTWISE_FUNCTIONS:
             raise _unsupported(layer, f"activation {name!r} is not elementwise")
@@ -214,6 +217,21 @@ def _output_factor(kind: losses_lib.LossKind, z, v):
     return tf.sqrt(2 / classes) * v  # squared error, mean over the last axis
 
 
+def _patches(layer, inputs):
+    """The convolution's input windows, ``(N, *output_positions, kh * kw * C_in)``."""
+    images = inputs[:, None] if isinstance(layer, L.Conv1D) else inputs
+    kernel_size = (1,) * (len(layer.kernel_size) == 1) + tuple(layer.kernel_size)
+    strides = (1,) * (len(layer.strides) == 1) + tuple(layer.strides)
+    rates = (1,) * (len(layer.dilation_rate) == 1) + tuple(layer.dilation_rate)
+    return tf.image.extract_patches(
+        images,
+        sizes=[1, *kernel_size, 1],
+        strides=[1, *strides, 1],
+        rates=[1, *rates, 1],
+        padding=layer.padding.upper(),
+    )
+
+
 def _per_example_weight_gradients(layer, inputs, cotangent):
     """``{variable id: (N, *variable.shape)}``: each example's weight gradient."""
     if isinstance(layer, L.BatchNormalization):
@@ -227,26 +245,22 @@ def _per_example_weight_gradients(layer, inputs, cotangent):
         if layer.center:
             result[id(layer.beta)] = tf.reduce_sum(cotangent, axis=axes)
         return result
+    count = tf.shape(inputs)[0]
+    flat_out = tf.reshape(cotangent, [count, -1, cotangent.shape[-1]])
     if isinstance(layer, L.Dense):
-        count, width = tf.shape(inputs)[0], inputs.shape[-1]
-        flat_in = tf.reshape(inputs, [count, -1, width])
-        flat_out = tf.reshape(cotangent, [count, -1, cotangent.shape[-1]])
+        flat_in = tf.reshape(inputs, [count, -1, inputs.shape[-1]])
+        kernel = tf.einsum("npi,npo->nio", flat_in, flat_out)
+    elif isinstance(layer, L.DepthwiseConv2D):
+        # Output channel c * M + m comes from input channel c and kernel[..., c, m].
+        channels, multiplier = layer.kernel.shape[-2:]
+        positions = tf.shape(flat_out)[1]
+        window = tf.reshape(_patches(layer, inputs), [count, positions, -1, channels])
+        by_channel = tf.reshape(flat_out, [count, -1, channels, multiplier])
+        kernel = tf.einsum("npkc,npcm->nkcm", window, by_channel)
     else:  # Conv1D / Conv2D: weight gradient = patches^T cotangent, per example
-        images = inputs[:, None] if isinstance(layer, L.Conv1D) else inputs
-        kernel_size = (1,) * (len(layer.kernel_size) == 1) + tuple(layer.kernel_size)
-        strides = (1,) * (len(layer.strides) == 1) + tuple(layer.strides)
-        rates = (1,) * (len(layer.dilation_rate) == 1) + tuple(layer.dilation_rate)
-        patches = tf.image.extract_patches(
-            images,
-            sizes=[1, *kernel_size, 1],
-            strides=[1, *strides, 1],
-            rates=[1, *rates, 1],
-            padding=layer.padding.upper(),
-        )
-        count = tf.shape(inputs)[0]
+        patches = _patches(layer, inputs)
         flat_in = tf.reshape(patches, [count, -1, patches.shape[-1]])
-        flat_out = tf.reshape(cotangent, [count, -1, cotangent.shape[-1]])
-    kernel = tf.einsum("npi,npo->nio", flat_in, flat_out)
+        kernel = tf.einsum("npi,npo->nio", flat_in, flat_out)
     result = {id(layer.kernel): tf.reshape(kernel, [-1, *layer.kernel.shape])}
     if layer.use_bias:
         result[id(layer.bias)] = tf.reduce_sum(flat_out, axis=1)
