@@ -21,6 +21,12 @@ BatchNormalization and LayerNormalization ``gamma``/``beta``), in
    written into the buffer, as in the official code (PyTorch SGD with L2);
 6. ``θ ← θ − lr·d``.
 
+Option (off by default): with ``curvature_every = c > 1`` the product (and the
+round-robin advance) happens only on the steps with ``s mod c = 0``; with
+``r = ⌊s/c⌋`` the refresh count, the target is ``k = r mod M`` and the bias
+correction exponent is ``⌊(r+1)/M⌋+1``. On the other steps no product is
+computed and no ``D`` changes. ``c = 1`` is the official algorithm.
+
 The product comes from the tfcurv train step (``tfcurv.Model``,
 ``tfcurv.Sequential`` or ``tfcurv.attach``), reverse over reverse on the
 training step's own forward pass, exact through normalisation layers.
@@ -55,6 +61,12 @@ class SGDPH(CurvatureOptimizer):
         epsilon: ``ε > 0`` added to ``D`` in the denominator.
         weight_decay: coupled L2 coefficient ``wd >= 0`` (added to the step,
             not Keras' decoupled decay); ``exclude_from_weight_decay`` applies.
+        curvature_every: an integer ``c >= 1``: the Hessian-vector product
+            runs on the steps ``s`` with ``s mod c = 0`` only, each refreshing
+            the ``D`` of the next variable in the round robin; the bias
+            correction counts refreshes, not steps. ``1`` (the default) is the
+            official algorithm; larger values trade curvature freshness for
+            step time.
         **kwargs: the Keras optimizer arguments (``name``, ``clipnorm``,
             ``global_clipnorm``, ``clipvalue``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -62,7 +74,8 @@ class SGDPH(CurvatureOptimizer):
 
     Slots: ``momentum_buffer`` (every variable), ``diag`` (``D``, 1-D
     variables) and ``curvature`` (the signed product ``H_kk·1`` of the current
-    step written by the train step, 1-D variables; zero except on the target).
+    step written by the train step, 1-D variables; zero except on the target,
+    and zero everywhere on a step without a product).
     With gradient accumulation the round robin advances once per update and the
     product of the last micro-batch is used.
     """
