@@ -203,6 +203,8 @@ def test_bad_arguments_raise():
         Fisher(model, keras.losses.SparseCategoricalCrossentropy(reduction="sum"), batch)
     with pytest.raises(ValueError, match="mode"):
         Fisher(model, _sparse_loss(), batch, mode="forward_over_reverse")
+    with pytest.raises(ValueError, match="curvature_propagation"):
+        Fisher(model, _sparse_loss(), batch).diagonal("curvature_propagation")
     weighted = Fisher(model, _sparse_loss(), (*batch, np.ones(5)))
     with pytest.raises(ValueError, match="sample_weight"):
         weighted.dense()

@@ -11,7 +11,7 @@ Second derivatives: on TF 2.21 every Keras cross-entropy path (sparse or
 categorical, from logits or from probabilities) has a usable second derivative,
 including the fused ``SparseSoftmaxCrossEntropyWithLogits`` op whose gradient
 registration now differentiates its softmax output. No substitute is therefore
-applied; ``tests/curvature/test_losses.py`` checks every path against a plain
+applied; ``tests/curvature/test_curvature_operators.py`` checks every path against a plain
 ``log_softmax`` form so that a regression in TF is caught.
 
 :func:`loss_kind` recognises the three losses whose output curvature has a

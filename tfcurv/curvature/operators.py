@@ -1,5 +1,7 @@
 """``tfcurv.Hessian`` and ``tfcurv.GaussNewton``: curvature of a Keras model's loss.
 
+(``tfcurv.Fisher``, in :mod:`tfcurv.curvature.fisher`, shares the machinery here.)
+
 Each operator is the curvature matrix of the mean loss of ``model`` on
 ``data`` at the model's current weights, restricted to ``variables``. It is
 never stored: everything goes through compiled matrix-vector products (one
