@@ -70,8 +70,9 @@ class CurvatureContext:
             ``None`` for zero: cheaper than a tensor of zeros) and
             ``H`` is the Hessian of the unscaled training loss of this replica
             (exact through normalisation layers in training mode).
-            Reverse-over-reverse on the same forward pass; may be called once per
-            step.
+            Reverse-over-reverse on the same forward pass (the outer tape is
+            persistent): it may be traced in several ``cond``/``switch``
+            branches, of which only the one taken runs.
         layer_statistics: captured layer inputs and output gradients, one per
             called layer of a type in ``statistics_layer_types``, in the order
             the forward pass called them (empty unless the optimizer asked for
