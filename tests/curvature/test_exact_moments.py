@@ -9,7 +9,10 @@ import reference_fixtures
 import tensorflow as tf
 
 from tfcurv.curvature import products
-from tfcurv.curvature.exact_moments import exact_second_derivatives
+from tfcurv.curvature.exact_moments import (
+    exact_second_derivatives,
+    stock_moments_are_exact,
+)
 
 pytestmark = pytest.mark.fixtures
 
@@ -38,12 +41,27 @@ def _stock_hessian_vector_products(reference, exact: bool):
 
 
 @pytest.mark.parametrize("name", ["bn_cnn", "ln_mlp"])
-def test_stock_normalisation_layers_still_give_wrong_hessians(make_reference, name):
-    """If this fails, TF/Keras fixed tf.nn.moments: drop exact_moments.py."""
+def test_replacement_is_active_exactly_when_stock_layers_give_wrong_hessians(
+    make_reference, name
+):
+    """TF 2.20/2.21 need the replacement; TF nightly (2.22) fixed tf.nn.moments.
+
+    Once every supported TF has the fix (``stock_moments_are_exact()`` true),
+    drop exact_moments.py.
+    """
     reference = make_reference(name)
     stock = _stock_hessian_vector_products(reference, exact=False)
     expected = reference.arrays["probe_HV"]
-    assert np.max(np.abs(stock - expected)) > 1e-3 * np.max(np.abs(expected))
+    stock_is_wrong = np.max(np.abs(stock - expected)) > 1e-3 * np.max(np.abs(expected))
+    assert stock_is_wrong == (not stock_moments_are_exact())
+
+
+@pytest.mark.skipif(
+    not tf.__version__.startswith(("2.20.", "2.21.")),
+    reason="only TF 2.20 and 2.21 are known to drop the second-order terms",
+)
+def test_supported_stable_tensorflow_still_needs_the_replacement():
+    assert not stock_moments_are_exact()
 
 
 @pytest.mark.parametrize("name", ["bn_cnn", "ln_mlp"])
