@@ -29,7 +29,12 @@ from keras import ops
 
 from tfcurv.optimizers import kronecker_statistics as ks
 from tfcurv.optimizers.curvature_optimizer import CurvatureContext, CurvatureOptimizer
-from tfcurv.optimizers.hyperparameters import check_range, constant
+from tfcurv.optimizers.hyperparameters import (
+    check_bool,
+    check_integer,
+    check_range,
+    constant,
+)
 
 logger = logging.getLogger("tfcurv")
 
@@ -82,22 +87,9 @@ class _AdaFisherBase(CurvatureOptimizer):
         self.beta = check_range("beta", beta, 0.0, 1.0, high_inclusive=False)
         self.damping = check_range("damping", damping, 0.0, low_inclusive=False)
         self.gamma = check_range("gamma", gamma, 0.0, 1.0, high_inclusive=False)
-        if (
-            isinstance(update_freq, bool)
-            or not isinstance(update_freq, int)
-            or update_freq < 1
-        ):
-            raise ValueError(
-                "`update_freq` must be an integer >= 1. "
-                f"Received: update_freq={update_freq!r}"
-            )
-        self.update_freq = update_freq
+        self.update_freq = check_integer("update_freq", update_freq)
         self.weight_decay = check_range("weight_decay", weight_decay, 0.0)
-        if not isinstance(normalized_ema, bool):
-            raise ValueError(
-                f"`normalized_ema` must be True or False. Received: {normalized_ema!r}"
-            )
-        self.normalized_ema = normalized_ema
+        self.normalized_ema = check_bool("normalized_ema", normalized_ema)
         self._preconditioned: dict[int, bool] = {}
         self._layouts: list[ks.FactorLayout] = []
         self._summary_logged = False

@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tfcurv.optimizers.hyperparameters import check_range, constant
+from tfcurv.optimizers.hyperparameters import check_bool, check_range, constant
 
 #: Accepted values of ``bias_correction_dtype`` (``None``: the variable's dtype).
 BIAS_CORRECTION_DTYPES = (None, "float32", "float64")
@@ -212,11 +212,11 @@ class AGD(keras.optimizers.Optimizer):
             if clip is None
             else check_range("clip", clip, 0.0, None, low_inclusive=False)
         )
-        self.amsgrad = _check_bool("amsgrad", amsgrad)
-        self.decoupled_weight_decay = _check_bool(
+        self.amsgrad = check_bool("amsgrad", amsgrad)
+        self.decoupled_weight_decay = check_bool(
             "decoupled_weight_decay", decoupled_weight_decay
         )
-        self.fixed_decay = _check_bool("fixed_decay", fixed_decay)
+        self.fixed_decay = check_bool("fixed_decay", fixed_decay)
         if bias_correction_dtype not in BIAS_CORRECTION_DTYPES:
             raise ValueError(
                 "`bias_correction_dtype` must be one of "
@@ -224,7 +224,7 @@ class AGD(keras.optimizers.Optimizer):
                 f"bias_correction_dtype={bias_correction_dtype!r}"
             )
         self.bias_correction_dtype = bias_correction_dtype
-        self.fused = _check_bool("fused", fused)
+        self.fused = check_bool("fused", fused)
 
     def build(self, var_list):
         """Create the slots ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``)."""
@@ -311,11 +311,3 @@ class AGD(keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"`{name}` must be True or False. Received: {name}={value!r}"
-        )
-    return value

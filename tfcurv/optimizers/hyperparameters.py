@@ -1,8 +1,8 @@
 """Validation of optimizer hyper-parameters and exact conversion to tensors.
 
-Two helpers every tfcurv optimizer uses:
+Helpers every tfcurv optimizer uses:
 
-* :func:`check_range` raises ``ValueError`` naming the argument and the accepted
+* :func:`check_range`, :func:`check_integer` and :func:`check_bool` raise ``ValueError`` naming the argument and the accepted
   range, so a bad value fails at construction, not as NaNs after many steps.
 * :func:`constant` turns a Python number into a tensor of the variable's dtype
   *without* rounding through float32 (``keras.ops.cast(0.9, "float64")`` gives
@@ -12,6 +12,7 @@ Two helpers every tfcurv optimizer uses:
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -48,6 +49,24 @@ def check_range(
         raise ValueError(message)
     if high is not None and (value > high or (value == high and not high_inclusive)):
         raise ValueError(message)
+    return value
+
+
+def check_integer(name: str, value, low: int = 1) -> int:
+    """Return ``int(value)`` if it is an integer (not a bool) ``>= low``.
+
+    Raises:
+        ValueError: naming ``name``, the received value and the accepted range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``, else raise ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
     return value
 
 

@@ -34,14 +34,12 @@ training step's own forward pass, exact through normalisation layers.
 
 from __future__ import annotations
 
-import numbers
-
 import keras
 import tensorflow as tf
 from keras import ops
 
 from tfcurv.optimizers.curvature_optimizer import CurvatureOptimizer
-from tfcurv.optimizers.hyperparameters import check_range, constant
+from tfcurv.optimizers.hyperparameters import check_integer, check_range, constant
 
 
 @keras.saving.register_keras_serializable(package="tfcurv")
@@ -106,16 +104,7 @@ class SGDPH(CurvatureOptimizer):
         self.momentum = check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
         self.tau = check_range("tau", tau, 0.0, None, low_inclusive=False)
         self.epsilon = check_range("epsilon", epsilon, 0.0, None, low_inclusive=False)
-        if (
-            isinstance(curvature_every, bool)
-            or not isinstance(curvature_every, numbers.Integral)
-            or curvature_every < 1
-        ):
-            raise ValueError(
-                "`curvature_every` must be an integer >= 1. "
-                f"Received: curvature_every={curvature_every!r}"
-            )
-        self.curvature_every = int(curvature_every)
+        self.curvature_every = check_integer("curvature_every", curvature_every)
 
     def build(self, var_list):
         """Create the slots; decide which variables are 1-D and which is last."""
