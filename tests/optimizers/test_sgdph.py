@@ -165,22 +165,30 @@ def test_sgdph_without_the_tfcurv_step_says_how_to_fix_it():
         model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
 
 
-def test_without_one_d_variables_it_is_momentum_sgd():
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_with_at_most_one_1d_variable_it_warns_and_is_momentum_sgd(use_bias):
+    """No 1-D variable, or only the last (always plain SGD): one warning, no products."""
     kernel = np.array([[0.5, -1.0], [2.0, 0.25]], "float32")
+    weights = [kernel, np.array([0.1, -0.2], "float32")] if use_bias else [kernel]
 
     def trained(optimizer, model_class):
-        model = model_class([keras.Input((2,)), keras.layers.Dense(2, use_bias=False)])
-        model.set_weights([kernel])
+        model = model_class([keras.Input((2,)), keras.layers.Dense(2, use_bias=use_bias)])
+        model.set_weights(weights)
         model.compile(optimizer=optimizer, loss="mse")
         x = np.array([[1.0, 2.0], [3.0, -1.0]], "float32")
         model.fit(x, x[:, ::-1], batch_size=2, epochs=3, verbose=0)
-        return model.get_weights()[0]
+        return model.get_weights()
 
-    np.testing.assert_allclose(
-        trained(SGDPH(learning_rate=0.01), tfcurv.Sequential),
-        trained(keras.optimizers.SGD(0.01, momentum=np.float64(0.9)), keras.Sequential),
-        rtol=1e-6,
+    optimizer = SGDPH(learning_rate=0.01)
+    with pytest.warns(UserWarning, match=r"SGDPH found [01] 1-D trainable") as warned:
+        result = trained(optimizer, tfcurv.Sequential)
+    assert len([w for w in warned if "SGDPH found" in str(w.message)]) == 1
+    assert not optimizer.needs_hessian_vector_products
+    expected = trained(
+        keras.optimizers.SGD(0.01, momentum=np.float64(0.9)), keras.Sequential
     )
+    for actual, reference in zip(result, expected):
+        np.testing.assert_allclose(actual, reference, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

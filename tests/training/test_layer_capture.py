@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcurv.training.layer_capture import capture_layer_statistics, matching_layers
+from tfcurv.curvature.layers import matching_layers
+from tfcurv.training.layer_capture import capture_layer_statistics
 
 SUPPORTED = (
     keras.layers.Dense,

@@ -36,6 +36,7 @@ from tfcurv.curvature import products
 from tfcurv.curvature import trace as trace_lib
 from tfcurv.curvature import vectors as vec
 from tfcurv.curvature.exact_moments import exact_second_derivatives
+from tfcurv.curvature.second_derivatives import check_second_derivatives
 
 DEFAULT_MAX_DENSE_SIZE = 5000
 # Vectors per compiled call. Several vectors could share one forward pass, but
@@ -120,6 +121,7 @@ class CurvatureOperator:
         self.training = training
         self.mode = mode
         self.variables = select_variables(model, variables)
+        check_second_derivatives(model, f"tfcurv.{type(self).__name__}")
         self.shapes = [tuple(v.shape) for v in self.variables]
         self.dtype = tf.as_dtype(self.variables[0].dtype)
         self.loss = losses_lib.resolve(loss, self.dtype.name)

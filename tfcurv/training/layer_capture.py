@@ -38,6 +38,8 @@ from collections.abc import Iterator, Sequence
 
 import keras
 
+from tfcurv.curvature.layers import matching_layers
+
 _MISSING = object()
 
 
@@ -127,22 +129,6 @@ _thread_state = threading.local()
 def _active_session() -> _Session | None:
     stack = getattr(_thread_state, "sessions", None)
     return stack[-1] if stack else None
-
-
-def matching_layers(
-    model: keras.layers.Layer, layer_types: tuple[type, ...]
-) -> list[keras.layers.Layer]:
-    """Every layer inside ``model`` (nested models and custom layers included)
-    that is an instance of one of ``layer_types``, each once, outermost first."""
-    # Keras has no public recursive layer listing: `Model.layers` stops at the
-    # first level of a subclassed model and skips layers held by custom layers.
-    candidates = model._flatten_layers(include_self=True, recursive=True)
-    found, seen = [], set()
-    for layer in candidates:
-        if isinstance(layer, layer_types) and id(layer) not in seen:
-            seen.add(id(layer))
-            found.append(layer)
-    return found
 
 
 @contextlib.contextmanager

@@ -44,6 +44,29 @@ class CurvatureTrainStep:
             return curvature_train_step(self, data)
         return super().train_step(data)
 
+    def make_train_function(self, force=False):
+        build_curvature_optimizer(self)
+        return super().make_train_function(force)
+
+
+def build_curvature_optimizer(model: keras.Model) -> None:
+    """Build a curvature optimizer's slots before the train function is traced.
+
+    Keras builds the optimizer inside the first trace (unless a strategy is
+    set), and a ``tf.function`` whose first trace creates variables is traced
+    a second time: for a curvature step, whose graph holds a second backward
+    pass, that doubles the first ``fit``'s tracing. A built model with a
+    curvature optimizer gets its slots here, eagerly, in the model's strategy
+    scope; anything else is left to Keras.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or optimizer.built or not model.built:
+        return
+    variables = model.trainable_variables
+    if variables and needs_curvature(model):
+        with model.distribute_strategy.scope():
+            optimizer.build(variables)
+
 
 @keras.saving.register_keras_serializable(package="tfcurv")
 class Model(CurvatureTrainStep, keras.Model):
@@ -98,6 +121,11 @@ def _attached_train_step(self, data):
     return type(self).train_step(self, data)
 
 
+def _attached_make_train_function(self, force=False):
+    build_curvature_optimizer(self)
+    return type(self).make_train_function(self, force)
+
+
 def attach(model: keras.Model) -> keras.Model:
     """Give an existing model the tfcurv train step; returns the same model.
 
@@ -129,6 +157,7 @@ def attach(model: keras.Model) -> keras.Model:
             "drop the override."
         )
     model.train_step = types.MethodType(_attached_train_step, model)
+    model.make_train_function = types.MethodType(_attached_make_train_function, model)
     model.train_function = None
     return model
 

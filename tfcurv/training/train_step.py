@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from tfcurv.curvature.exact_moments import exact_second_derivatives
 from tfcurv.curvature.products import hessian_vector_product_from_tape
+from tfcurv.curvature.second_derivatives import check_second_derivatives
 from tfcurv.optimizers.curvature_optimizer import (
     CurvatureContext,
     CurvatureOptimizer,
@@ -176,11 +177,23 @@ def curvature_train_step(model: keras.Model, data):
     _check_jit_compile(model)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     optimizer = model.optimizer
+    if not optimizer.built and model.trainable_variables:
+        # What an optimizer needs may depend on its variables (SGD-PH needs
+        # products only with two or more 1-D variables). Built outside the
+        # traced function: slots created while tracing make tf.function trace
+        # the whole step twice, each slot behind an initialisation cond.
+        with tf.init_scope():
+            optimizer.build(model.trainable_variables)
     wanted = curvature_optimizers(optimizer)
     products_wanted = sum(o.needs_hessian_vector_products for o in wanted)
     layer_types = tuple(
         dict.fromkeys(t for o in wanted for t in o.statistics_layer_types)
     )
+    if products_wanted:
+        check_second_derivatives(
+            model,
+            " and ".join(type(o).__name__ for o in wanted if o.needs_hessian_vector_products),
+        )
 
     # Persistent whenever products are wanted: an optimizer may trace its
     # product in several branches of an ``ops.cond``/``ops.switch`` (only the
