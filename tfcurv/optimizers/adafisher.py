@@ -55,9 +55,6 @@ def _factor_sizes(shape) -> tuple[int, int]:
 class _AdaFisherBase(CurvatureOptimizer):
     """Statistics, factor state and preconditioner shared by AdaFisher and AdaFisherW."""
 
-    #: The optimizer's name when none is given (Keras' convention: the class, snake case).
-    default_name: str
-
     statistics_layer_types = (
         keras.layers.Dense,
         keras.layers.Conv2D,
@@ -80,7 +77,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         # `weight_decay` is not passed on: Keras' own (decoupled, float32-cast)
         # decay stays off, the decay of both variants is part of `update_step`.
         super().__init__(
-            learning_rate=learning_rate, name=name or self.default_name, **kwargs
+            learning_rate=learning_rate, name=name, **kwargs
         )
         if isinstance(learning_rate, (int, float)):
             check_range("learning_rate", learning_rate, 0.0)
@@ -343,8 +340,6 @@ class AdaFisher(_AdaFisherBase):
     ``tfcurv.Model``, ``tfcurv.Sequential``).
     """
 
-    default_name = "adafisher"
-
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         dtype = variable.dtype
@@ -366,8 +361,6 @@ class AdaFisherW(_AdaFisherBase):
 
     Same arguments as :class:`AdaFisher`.
     """
-
-    default_name = "adafisherw"
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)

@@ -123,12 +123,6 @@ def agd_step(
     )
 
 
-#: :func:`agd_step` compiled by XLA into one kernel per variable shape: unfused,
-#: each of its ~15 elementwise operations is one pass over memory, and its ~15
-#: scalar operations are one kernel launch each.
-fused_agd_step = tf.function(agd_step, jit_compile=True, reduce_retracing=True)
-
-
 @keras.saving.register_keras_serializable(package="tfcurv")
 class AGD(keras.optimizers.Optimizer):
     """AGD (Yue et al., NeurIPS 2023), as in the authors' official code.
@@ -187,7 +181,7 @@ class AGD(keras.optimizers.Optimizer):
         fixed_decay: bool = False,
         bias_correction_dtype: str | None = None,
         fused: bool = True,
-        name: str = "agd",
+        name: str | None = None,
         **kwargs,
     ):
         if isinstance(learning_rate, (int, float)) and not callable(learning_rate):
@@ -245,6 +239,13 @@ class AGD(keras.optimizers.Optimizer):
         # Decided here, where variables still have their paths
         # (update_step may see per-device components).
         self._settings = [self._settings_for(v) for v in var_list]
+        # agd_step compiled by XLA into one kernel per variable shape (unfused,
+        # each of its ~15 elementwise operations is one pass over memory and
+        # each of its ~15 scalar operations one kernel launch). One compiled
+        # function per optimizer: a function shared by every instance keeps
+        # traces made inside other models' train functions, and reusing one of
+        # them reads tensors of a graph that no longer exists ("out of scope").
+        self._fused_step = tf.function(agd_step, jit_compile=True, reduce_retracing=True)
 
     def _settings_for(self, variable) -> Settings:
         decays = bool(self.weight_decay) and self._use_weight_decay(variable)
@@ -281,7 +282,7 @@ class AGD(keras.optimizers.Optimizer):
         slots = [self._exp_avgs[index], self._exp_avg_sqs[index]]
         if self.amsgrad:
             slots.append(self._max_exp_avg_sqs[index])
-        step = fused_agd_step if self.fused else agd_step
+        step = self._fused_step if self.fused else agd_step
         new_parameters, *new_slots = step(
             tf.convert_to_tensor(variable),
             ops.cast(gradient, variable.dtype),

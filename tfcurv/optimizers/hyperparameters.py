@@ -64,10 +64,11 @@ def check_integer(name: str, value, low: int = 1) -> int:
 
 
 def check_bool(name: str, value) -> bool:
-    """Return ``value`` if it is ``True`` or ``False``, else raise ``ValueError``."""
-    if not isinstance(value, bool):
+    """Return ``value`` as a Python bool if it is ``True`` or ``False`` (a NumPy
+    ``bool_`` too, as Keras' own optimizers accept), else raise ``ValueError``."""
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return value
+    return bool(value)
 
 
 def constant(value: float, dtype) -> tf.Tensor:
