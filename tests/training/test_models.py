@@ -29,13 +29,13 @@ class Subclassed(tfcurv.Model):
         return self.head(self.hidden(x))
 
 
-def _compile_and_fit(model):
+def _compile_and_fit(model, epochs=1, **fit_kwargs):
     model.compile(
         optimizer=HVPProbe(learning_rate=0.1),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     x, y = _data()
-    return model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    return model.fit(x, y, batch_size=4, epochs=epochs, verbose=0, **fit_kwargs)
 
 
 def test_functional_tfcurv_model_is_functional_and_a_tfcurv_model():
@@ -161,3 +161,25 @@ def test_loaded_plain_model_can_be_attached(tmp_path):
     model.save(path)
     loaded = tfcurv.attach(keras.models.load_model(path))
     assert np.isfinite(_compile_and_fit(loaded).history["loss"][0])
+
+
+def test_keras_tensorboard_callback_logs_a_curvature_fit(tmp_path):
+    """Keras' own TensorBoard callback in the README environment (the examples
+    extra installs ``tensorboard``): the epoch losses it writes are the fit's."""
+    import tensorflow as tf
+
+    model = tfcurv.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    history = _compile_and_fit(
+        model, 3, callbacks=[keras.callbacks.TensorBoard(log_dir=str(tmp_path))]
+    )
+    logged = {}
+    for path in (tmp_path / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == "epoch_loss":
+                    logged[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(logged) == [0, 1, 2]
+    np.testing.assert_allclose(
+        [logged[step] for step in range(3)], history.history["loss"], rtol=1e-6
+    )
+
