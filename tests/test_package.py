@@ -144,6 +144,12 @@ def test_documentation_builds_without_warnings(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-5000:]
     assert (tmp_path / "html" / "generated" / "tfcurv.optimizers.AGD.html").is_file()
+    # The docs show the package's version, and the changelog that starts with it.
+    assert f"tfcurv {tfcurv.__version__}" in (tmp_path / "html" / "index.html").read_text()
+    changelog = (tmp_path / "html" / "changelog.html").read_text()
+    assert f"{tfcurv.__version__} (unreleased)" in changelog or (
+        f">{tfcurv.__version__}<" in changelog
+    )
 
 
 def test_readme_optimizer_defaults_match_the_signatures():
@@ -158,3 +164,77 @@ def test_readme_optimizer_defaults_match_the_signatures():
             assert signature.parameters[key].default == ast.literal_eval(value), (
                 f"README: {name}({argument})"
             )
+
+
+def _changelog_versions() -> list[str]:
+    headings = re.findall(
+        r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE
+    )
+    assert headings, "CHANGELOG.md has no '## <version>' heading"
+    return headings
+
+
+def test_changelog_starts_with_the_package_version_and_goes_back_in_order():
+    versions = _changelog_versions()
+    assert versions[0] == tfcurv.__version__
+    parsed = [Version(version) for version in versions]
+    assert [str(v) for v in parsed] == versions, "versions as PEP 440 writes them"
+    assert parsed == sorted(parsed, reverse=True)
+    assert len(set(parsed)) == len(parsed)
+
+
+def test_documentation_includes_the_changelog():
+    page = (ROOT / "docs" / "changelog.md").read_text()
+    assert "{include} ../CHANGELOG.md" in page
+    assert re.search(r"^changelog$", (ROOT / "docs" / "index.md").read_text(), re.M)
+
+
+# What a module of tfcurv may import at its top: the standard library, the core
+# requirements, TensorFlow (the cpu/gpu extras), and tfcurv itself. Anything else
+# (matplotlib, tensorflow_datasets, ...) belongs to an extra and is imported
+# where it is used, so that ``import tfcurv.<any module>`` works with the core
+# requirements alone (.ci/wheel_check.py checks that in a clean environment).
+CORE_IMPORTS = {"keras", "numpy", "tensorflow", "tfcurv"}
+
+
+def _top_level_imports(path: pathlib.Path):
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        statements = [node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Try):
+            statements = node.body
+        for statement in statements:
+            if isinstance(statement, ast.Import):
+                yield from (alias.name.split(".")[0] for alias in statement.names)
+            elif isinstance(statement, ast.ImportFrom) and not statement.level:
+                yield statement.module.split(".")[0]
+
+
+def test_core_requirements_are_keras_and_numpy_and_suffice_for_every_module():
+    requirements = read_configuration(ROOT / "setup.cfg")["options"]["install_requires"]
+    assert sorted(requirements) == ["keras>=3.13", "numpy"]
+    outside = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "tfcurv").rglob("*.py")
+        for name in _top_level_imports(path)
+        if name not in CORE_IMPORTS and name not in sys.stdlib_module_names
+    }
+    assert not outside, sorted(outside)
+
+
+def test_readme_names_the_tested_versions_as_tox_pins_them():
+    """The README's tested TF/Keras pairs are tox's environments, and the oldest
+    pair is what setup.cfg allows at the least."""
+    tox = (ROOT / "tox.ini").read_text()
+    tf_pins = re.findall(r"^\s*tf\d+: tensorflow-cpu~=(\d+\.\d+)\.0$", tox, re.M)
+    keras_pins = re.findall(r"^\s*keras\d+: keras~=(\d+\.\d+)\.0$", tox, re.M)
+    assert len(tf_pins) == len(keras_pins) == 2
+    readme = (ROOT / "README.md").read_text()
+    for tf_version, keras_version in zip(tf_pins, keras_pins, strict=True):
+        assert f"TensorFlow {tf_version} + Keras {keras_version}" in readme
+    oldest_tf, oldest_keras = min(tf_pins, key=Version), min(keras_pins, key=Version)
+    options = read_configuration(ROOT / "setup.cfg")["options"]
+    assert f"keras>={oldest_keras}" in options["install_requires"]
+    assert f"tensorflow-cpu>={oldest_tf}" in options["extras_require"]["cpu"]

@@ -10,7 +10,7 @@ Public names (see ``docs/api.md``):
 * :mod:`tfcurv.analysis`: weight trajectories, PCA, Hessian overlaps, callbacks.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from tfcurv import analysis, optimizers
 from tfcurv.curvature.fisher import Fisher
