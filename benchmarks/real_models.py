@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -148,7 +149,7 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        "cpus": len(tf.config.list_physical_devices("CPU")),
+        "cpu_cores": len(os.sched_getaffinity(0)),  # the cores this process may use
         "models": {},
     }
     for model_name in args.models:
