@@ -31,6 +31,11 @@ _spec.loader.exec_module(not_applicable)
 KERAS_SRC = pathlib.Path(keras.__file__).resolve().parent / "src"
 OPTIMIZERS = ("AGD", "SGDPH", "AdaFisher", "AdaFisherW")
 TIMEOUT_S = 1200
+# Keras releases whose wheel ships Keras' own test files (checked on the package
+# index for 3.13.0 to 3.15.1: only 3.15.1's does; the wheels of 3.13.x, 3.14.x and
+# 3.15.0 ship none, nor do the sdists of 3.13.2 and 3.15.0). On these releases a
+# missing file is a failure; on the others the test is skipped, saying why.
+SHIPS_ITS_TESTS = ("3.15.1",)
 
 
 def _outcome_kind(outcome: str) -> str:
@@ -42,6 +47,12 @@ def _outcome_kind(outcome: str) -> str:
 def test_keras_optimizer_tests_pass(name, tmp_path, record_property):
     files = [KERAS_SRC / f for f in not_applicable.KERAS_TEST_FILES]
     missing = [str(f) for f in files if not f.is_file()]
+    if len(missing) == len(files) and keras.__version__ not in SHIPS_ITS_TESTS:
+        pytest.skip(
+            f"the Keras {keras.__version__} wheel does not ship its test files (of "
+            f"the releases since 3.13 only {', '.join(SHIPS_ITS_TESTS)} does): "
+            "nothing to run Keras' tests from"
+        )
     assert not missing, f"Keras {keras.__version__} does not ship {missing}"
 
     ini = tmp_path / "pytest.ini"
