@@ -64,6 +64,6 @@ def test_step_graph_grows_linearly_with_depth(name, keras_sgd_sizes):
     # slack for per-step bookkeeping). The former SGD-PH switch: 10752 vs 19464.
     assert second <= 2 * first + 16, sizes
     # Per block, at most 6 times Keras SGD's step (forward, backward, second
-    # backward and the update; measured: SGD-PH 4.5, AdaFisher 3.9).
+    # backward and the update; measured: SGD-PH 4.5, AdaFisher 3.6).
     keras_per_block = (keras_sgd_sizes[2] - keras_sgd_sizes[0]) / 6
     assert (sizes[2] - sizes[0]) / 6 <= 6 * keras_per_block, (sizes, keras_sgd_sizes)

@@ -148,13 +148,18 @@ class _AdaFisherBase(CurvatureOptimizer):
                 for total in ks.batch_sums(layout, x, g, layout.parts[0].variable.dtype)
             ]
 
-        def skip():  # the same sums over an empty batch: zeros of the right shapes
-            return sums([x[:0] for x in inputs], [g[:0] for g in gradients])
+        # Traced once, outside the cond: the other branch only needs the shapes
+        # and dtypes of its outputs (zeros), not a second copy of the sums.
+        compiled = tf.function(sums, jit_compile=True).get_concrete_function(
+            inputs, gradients
+        )
+        outputs = compiled.structured_outputs
+
+        def skip():
+            return [tf.zeros(total.shape, total.dtype) for total in outputs]
 
         values = ops.cond(
-            self._statistics_due(),
-            lambda: tf.function(sums, jit_compile=True)(inputs, gradients),
-            skip,
+            self._statistics_due(), lambda: compiled(inputs, gradients), skip
         )
         return list(values), ["sum"] * len(values)
 
