@@ -170,11 +170,13 @@ def test_save_load_continue_is_bit_identical(case, tmp_path):
 
 @by_case
 def test_default_names_are_unique_as_in_keras(case):
-    """Keras' rule: a Keras optimizer class of the same name is named first, the
-    tfcurv optimizers continue its sequence (``agd``, ``agd_1``, ``agd_2``)."""
+    """Keras' rule, the one its base ``Optimizer`` applies to a ``name=None``
+    (and Keras 3.15's own classes; Keras 3.13's SGD is still named "SGD"): an
+    optimizer of the same class name is named first, the tfcurv optimizers
+    continue its sequence (``agd``, ``agd_1``, ``agd_2``)."""
     class_name = type(case.factory()).__name__
     keras.utils.clear_session()
-    keras_named = type(class_name, (keras.optimizers.SGD,), {})()
+    keras_named = type(class_name, (keras.optimizers.Optimizer,), {})(learning_rate=0.1)
     first, second = case.factory(), case.factory()
     assert (first.name, second.name) == (
         f"{keras_named.name}_1",
