@@ -149,10 +149,12 @@ class _AdaFisherBase(CurvatureOptimizer):
             ]
 
         # Traced once, outside the cond: the other branch only needs the shapes
-        # and dtypes of its outputs (zeros), not a second copy of the sums.
-        compiled = tf.function(sums, jit_compile=True).get_concrete_function(
-            inputs, gradients
-        )
+        # and dtypes of its outputs (zeros), not a second copy of the sums. No
+        # AutoGraph (nor below): no Python control flow depends on a tensor,
+        # and converting the source took most of the first trace's time.
+        compiled = tf.function(
+            sums, jit_compile=True, autograph=False
+        ).get_concrete_function(inputs, gradients)
         outputs = compiled.structured_outputs
 
         def skip():
@@ -177,7 +179,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         current = [t for pair in slots for t in (pair[0].value, pair[1].value)]
         keep, forget = self._ema_weights()
 
-        @tf.function(jit_compile=True)
+        @tf.function(jit_compile=True, autograph=False)
         def normalize_and_average(current, values):
             updated, position = [], 0
             for number, layout in enumerate(layouts):

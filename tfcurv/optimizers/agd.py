@@ -245,7 +245,10 @@ class AGD(keras.optimizers.Optimizer):
         # function per optimizer: a function shared by every instance keeps
         # traces made inside other models' train functions, and reusing one of
         # them reads tensors of a graph that no longer exists ("out of scope").
-        self._fused_step = tf.function(agd_step, jit_compile=True, reduce_retracing=True)
+        # No AutoGraph: agd_step branches on Python settings only.
+        self._fused_step = tf.function(
+            agd_step, jit_compile=True, reduce_retracing=True, autograph=False
+        )
 
     def _settings_for(self, variable) -> Settings:
         decays = bool(self.weight_decay) and self._use_weight_decay(variable)
