@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import keras
 
+from tfcurv import _keras
+
 
 def matching_layers(
     model: keras.layers.Layer, layer_types: tuple[type, ...]
 ) -> list[keras.layers.Layer]:
     """Every layer inside ``model`` (nested models and custom layers included)
     that is an instance of one of ``layer_types``, each once, outermost first."""
-    candidates = model._flatten_layers(include_self=True, recursive=True)
+    candidates = _keras.flatten_layers(model)
     found, seen = [], set()
     for layer in candidates:
         if isinstance(layer, layer_types) and id(layer) not in seen:

@@ -27,14 +27,11 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tfcurv import _keras
+from tfcurv._checks import check_bool, check_integer, check_range
 from tfcurv.optimizers import kronecker_statistics as ks
 from tfcurv.optimizers.curvature_optimizer import CurvatureContext, CurvatureOptimizer
-from tfcurv.optimizers.hyperparameters import (
-    check_bool,
-    check_integer,
-    check_range,
-    constant,
-)
+from tfcurv.optimizers.hyperparameters import constant
 
 logger = logging.getLogger("tfcurv")
 
@@ -114,7 +111,7 @@ class _AdaFisherBase(CurvatureOptimizer):
                         name=f"{prefix}_{name}",
                     )
                 )
-        self._decayed = [self._use_weight_decay(v) for v in var_list]
+        self._decayed = [_keras.uses_weight_decay(self, v) for v in var_list]
 
     def _apply_weight_decay(self, variables):
         """No-op: AdaFisher's decay is coupled L2 and AdaFisherW's is inside its
@@ -174,7 +171,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         slots = []
         for layout in layouts:
             for part in layout.parts:
-                index = self._get_variable_index(part.variable)
+                index = _keras.variable_index(self, part.variable)
                 slots.append((self._input_factors[index], self._output_factors[index]))
         current = [t for pair in slots for t in (pair[0].value, pair[1].value)]
         keep, forget = self._ema_weights()
@@ -218,7 +215,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         return self.gamma * 1e-1, self.gamma * 1e-2
 
     def _index(self, layout: ks.FactorLayout) -> int:
-        return self._get_variable_index(layout.parts[0].variable)
+        return _keras.variable_index(self, layout.parts[0].variable)
 
     def _pair_variables(self, context: CurvatureContext) -> None:
         """Pair the optimizer's variables with the captured layers, by identity."""
@@ -235,7 +232,7 @@ class _AdaFisherBase(CurvatureOptimizer):
                 ks.FactorLayout(layout.layer, layout.kind, layout.h_size, parts)
             )
             for part in parts:
-                preconditioned[self._get_variable_index(part.variable)] = True
+                preconditioned[_keras.variable_index(self, part.variable)] = True
         self._layouts = layouts
         self._preconditioned = preconditioned
         if not self._summary_logged:
@@ -244,7 +241,7 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     def _knows(self, variable) -> bool:
         try:
-            self._get_variable_index(variable)
+            _keras.variable_index(self, variable)
         except KeyError:
             return False
         return True
@@ -272,7 +269,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         """``(H, S)``: ``variable``'s slice of its layer's input-side factor (one
         entry per kernel row in Keras' row order, or one entry for a bias or
         normalisation parameter) and the output-side factor (one per unit)."""
-        index = self._get_variable_index(variable)
+        index = _keras.variable_index(self, variable)
         return self._input_factors[index].value, self._output_factors[index].value
 
     def preconditioner(self, variable) -> tf.Tensor:
@@ -281,7 +278,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         ``S_i * H_j + damping`` for a variable of a preconditioned layer, ones for
         the others.
         """
-        index = self._get_variable_index(variable)
+        index = _keras.variable_index(self, variable)
         dtype = variable.dtype
         if not self._preconditioned.get(index):
             return ops.ones(variable.shape, dtype)
@@ -348,7 +345,7 @@ class AdaFisher(_AdaFisherBase):
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
+        index = _keras.variable_index(self, variable)
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         decay = self._decay_of(index, dtype)
@@ -370,7 +367,7 @@ class AdaFisherW(_AdaFisherBase):
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
+        index = _keras.variable_index(self, variable)
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         momentum = self._update_momentum(index, gradient, dtype)

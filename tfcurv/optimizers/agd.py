@@ -27,7 +27,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tfcurv.optimizers.hyperparameters import check_bool, check_range, constant
+from tfcurv import _keras
+from tfcurv._checks import check_bool, check_range
+from tfcurv.optimizers.hyperparameters import constant
 
 #: Accepted values of ``bias_correction_dtype`` (``None``: the variable's dtype).
 BIAS_CORRECTION_DTYPES = (None, "float32", "float64")
@@ -251,7 +253,7 @@ class AGD(keras.optimizers.Optimizer):
         )
 
     def _settings_for(self, variable) -> Settings:
-        decays = bool(self.weight_decay) and self._use_weight_decay(variable)
+        decays = bool(self.weight_decay) and _keras.uses_weight_decay(self, variable)
         if not decays:
             decay_mode = None
         elif not self.decoupled_weight_decay:
@@ -279,7 +281,7 @@ class AGD(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """One AGD step for one variable."""
-        index = self._get_variable_index(variable)
+        index = _keras.variable_index(self, variable)
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)  # sums duplicate indices
         slots = [self._exp_avgs[index], self._exp_avg_sqs[index]]

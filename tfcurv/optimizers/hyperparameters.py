@@ -1,74 +1,15 @@
-"""Validation of optimizer hyper-parameters and exact conversion to tensors.
+"""Exact conversion of optimizer hyper-parameters to tensors.
 
-Helpers every tfcurv optimizer uses:
-
-* :func:`check_range`, :func:`check_integer` and :func:`check_bool` raise ``ValueError`` naming the argument and the accepted
-  range, so a bad value fails at construction, not as NaNs after many steps.
-* :func:`constant` turns a Python number into a tensor of the variable's dtype
-  *without* rounding through float32 (``keras.ops.cast(0.9, "float64")`` gives
-  0.8999999761581421, which moves a float64 trajectory off its reference).
+:func:`constant` turns a Python number into a tensor of the variable's dtype
+*without* rounding through float32 (``keras.ops.cast(0.9, "float64")`` gives
+0.8999999761581421, which moves a float64 trajectory off its reference).
+Argument checks live in :mod:`tfcurv._checks`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 import tensorflow as tf
-
-
-def check_range(
-    name: str,
-    value,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> float:
-    """Return ``float(value)`` if it is a finite real number within the range.
-
-    Raises:
-        ValueError: naming ``name``, the received value and the accepted range.
-    """
-    interval = (
-        ("[" if low_inclusive else "(")
-        + ("-inf" if low is None else repr(low))
-        + ", "
-        + ("inf" if high is None else repr(high))
-        + ("]" if high_inclusive else ")")
-    )
-    message = f"`{name}` must be a real number in {interval}. Received: {name}={value!r}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(message)
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(message)
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        raise ValueError(message)
-    if high is not None and (value > high or (value == high and not high_inclusive)):
-        raise ValueError(message)
-    return value
-
-
-def check_integer(name: str, value, low: int = 1) -> int:
-    """Return ``int(value)`` if it is an integer (not a bool) ``>= low``.
-
-    Raises:
-        ValueError: naming ``name``, the received value and the accepted range.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value) -> bool:
-    """Return ``value`` as a Python bool if it is ``True`` or ``False`` (a NumPy
-    ``bool_`` too, as Keras' own optimizers accept), else raise ``ValueError``."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
-    return bool(value)
 
 
 def constant(value: float, dtype) -> tf.Tensor:

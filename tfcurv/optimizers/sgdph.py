@@ -40,8 +40,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from tfcurv import _keras
+from tfcurv._checks import check_integer, check_range
 from tfcurv.optimizers.curvature_optimizer import CurvatureOptimizer
-from tfcurv.optimizers.hyperparameters import check_integer, check_range, constant
+from tfcurv.optimizers.hyperparameters import constant
 
 
 @keras.saving.register_keras_serializable(package="tfcurv")
@@ -134,7 +136,7 @@ class SGDPH(CurvatureOptimizer):
                 stacklevel=2,
             )
         self._decays_variable = [
-            self.weight_decay > 0.0 and self._use_weight_decay(v) for v in var_list
+            self.weight_decay > 0.0 and _keras.uses_weight_decay(self, v) for v in var_list
         ]
         self.momentum_buffers = [
             self.add_variable_from_reference(v, "momentum_buffer") for v in var_list
@@ -227,7 +229,7 @@ class SGDPH(CurvatureOptimizer):
     def update_step(self, gradient, variable, learning_rate):
         """One SGD-PH step for one variable (official order of operations)."""
         dtype = variable.dtype
-        index = self._get_variable_index(variable)
+        index = _keras.variable_index(self, variable)
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)
         gradient = ops.cast(gradient, dtype)

@@ -30,7 +30,7 @@ import types
 
 import keras
 
-from tfcurv.training import keras_internals
+from tfcurv import _keras as keras_internals
 from tfcurv.training.train_step import curvature_train_step, needs_curvature
 
 _KERAS_TRAIN_STEP = keras.Model.train_step

@@ -8,7 +8,7 @@ that needs more (a :class:`~tfcurv.optimizers.curvature_optimizer.CurvatureOptim
    when Hessian-vector products are needed (and then inside
    :func:`~tfcurv.curvature.exact_moments.exact_second_derivatives`, so that
    normalisation layers have exact second derivatives), and inside
-   :func:`~tfcurv.training.layer_capture.capture_layer_statistics` when layer
+   :func:`~tfcurv.curvature.layer_capture.capture_layer_statistics` when layer
    statistics are needed;
 2. the loss, the loss tracker and the loss scaling exactly as Keras' own step;
 3. one gradient call for the weights and the captured layer outputs;
@@ -33,7 +33,9 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from tfcurv import _keras as keras_internals
 from tfcurv.curvature.exact_moments import exact_second_derivatives
+from tfcurv.curvature.layer_capture import capture_layer_statistics
 from tfcurv.curvature.products import hessian_vector_product_from_tape
 from tfcurv.curvature.second_derivatives import check_second_derivatives
 from tfcurv.optimizers.curvature_optimizer import (
@@ -41,8 +43,6 @@ from tfcurv.optimizers.curvature_optimizer import (
     CurvatureOptimizer,
     LayerStatistics,
 )
-from tfcurv.training import keras_internals
-from tfcurv.training.layer_capture import capture_layer_statistics
 
 _REDUCTIONS = ("sum", "mean")
 

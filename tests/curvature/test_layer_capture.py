@@ -1,4 +1,4 @@
-"""Tests of ``tfcurv.training.layer_capture``."""
+"""Tests of ``tfcurv.curvature.layer_capture``."""
 
 import threading
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfcurv.curvature.layer_capture import capture_layer_statistics
 from tfcurv.curvature.layers import matching_layers
-from tfcurv.training.layer_capture import capture_layer_statistics
 
 SUPPORTED = (
     keras.layers.Dense,
@@ -196,16 +196,34 @@ def test_restored_when_the_forward_pass_raises():
     model(x)  # still usable
 
 
-def test_shared_layer_fails_loudly():
-    shared = keras.layers.Dense(3, name="shared")
+def test_shared_layer_gives_one_record_per_call_in_call_order():
+    shared = keras.layers.Dense(3, activation="tanh", name="shared")
     inputs = keras.Input((3,))
     model = keras.Model(inputs, shared(shared(inputs)))
-    with (
-        pytest.raises(ValueError, match="'shared'.*more than once"),
-        capture_layer_statistics(model, (keras.layers.Dense,)),
-    ):
-        model(np.ones((2, 3), "float32"))
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype("float32")
+    with capture_layer_statistics(model, (keras.layers.Dense,)) as records:
+        y = model(x)
+    assert [r.layer for r in records] == [shared, shared]
+    first, second = records
+    kernel, bias = np.asarray(shared.kernel), np.asarray(shared.bias)
+    np.testing.assert_allclose(first.inputs, x)
+    np.testing.assert_allclose(first.outputs, x @ kernel + bias, rtol=1e-5)
+    np.testing.assert_allclose(first.activated, np.tanh(first.outputs), rtol=1e-5)
+    np.testing.assert_allclose(second.inputs, first.activated, rtol=1e-6)
+    np.testing.assert_allclose(second.activated, y, rtol=1e-6)
+    assert first.activation is not None
     assert "call" not in shared.__dict__
+
+
+def test_activation_layers_are_captured_unchanged():
+    """An ``Activation`` layer's own ``activation`` is its whole call: kept on."""
+    layer = keras.layers.Activation("tanh")
+    model = keras.Sequential([keras.Input((3,)), layer])
+    x = np.ones((2, 3), "float32")
+    with capture_layer_statistics(model, (keras.layers.Activation,)) as records:
+        y = model(x)
+    np.testing.assert_allclose(y, np.tanh(x), rtol=1e-6)
+    assert records[0].activation is None and records[0].outputs is records[0].activated
 
 
 def test_layers_outside_the_types_and_unused_layers_are_not_recorded():

@@ -1,10 +1,11 @@
 """Capture the inputs and pre-activation outputs of chosen layers in one forward pass.
 
-Keras has no module hooks. Optimizers such as AdaFisher need, for every Dense,
-Conv2D, BatchNormalization and LayerNormalization layer, the tensor the layer
-received and the gradient of the loss with respect to its output *before* a
-fused ``activation=``. :func:`capture_layer_statistics` provides both ingredients
-for a train step::
+The one layer capture of tfcurv: the train step (AdaFisher's statistics) and
+Curvature Propagation both use it. Keras has no module hooks. A consumer needs,
+for every layer of the layer table, the tensor the layer received and the
+gradient of the loss with respect to its output *before* a fused
+``activation=``. :func:`capture_layer_statistics` provides both ingredients for
+a train step::
 
     with capture_layer_statistics(model, (keras.layers.Dense,)) as records:
         with tf.GradientTape() as tape:
@@ -25,8 +26,10 @@ runs a wrapper of its ``call`` (the technique of Keras' own
   captures, and removed when the last one leaves;
 * everything is restored on exit, also when the forward pass raises.
 
-A matching layer called twice in one forward pass (a shared layer) has no single
-input/output pair; that raises a ``ValueError`` rather than silently keeping one.
+A layer called several times in one forward pass (a shared layer) gives one
+record per call, in call order; consumers sum their contributions over calls.
+Each record also keeps the fused activation and the activated output, which
+Curvature Propagation needs for its second-derivative terms.
 """
 
 from __future__ import annotations
@@ -40,7 +43,18 @@ import keras
 
 from tfcurv.curvature.layers import matching_layers
 
+__all__ = ["CapturedLayer", "capture_layer_statistics", "capture_layers"]
+
 _MISSING = object()
+
+L = keras.layers
+#: Layers whose ``call`` applies ``self.activation`` only when it is not None,
+#: so the capture can switch a fused activation off and apply it itself.
+_FUSED_ACTIVATION_LAYERS = (
+    L.Dense, L.EinsumDense, L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose,
+    L.Conv2DTranspose, L.Conv3DTranspose, L.DepthwiseConv1D, L.DepthwiseConv2D,
+    L.SeparableConv1D, L.SeparableConv2D,
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -53,11 +67,17 @@ class CapturedLayer:
         outputs: the layer's output before its fused activation (for a layer
             without one, its output). Pass it to ``tape.gradient`` as a source
             to get the output gradient.
+        activation: the fused activation the capture applied after ``outputs``
+            (None when the layer has none, or it is linear).
+        activated: the layer's output as the model saw it (``outputs`` when
+            ``activation`` is None).
     """
 
     layer: keras.layers.Layer
     inputs: object
     outputs: object
+    activation: object = None
+    activated: object = None
 
 
 class _Session:
@@ -66,18 +86,6 @@ class _Session:
     def __init__(self, layers: Sequence[keras.layers.Layer]):
         self.layer_ids = {id(layer) for layer in layers}
         self.records: list[CapturedLayer] = []
-        self.recorded_ids: set[int] = set()
-
-    def record(self, layer, inputs, outputs) -> None:
-        if id(layer) in self.recorded_ids:
-            raise ValueError(
-                f"Layer '{layer.name}' ({type(layer).__name__}) was called more than "
-                "once in one forward pass. Curvature statistics need one input and "
-                "one output per layer, so shared layers are not supported: give each "
-                "use its own layer, or use an optimizer without layer statistics."
-            )
-        self.recorded_ids.add(id(layer))
-        self.records.append(CapturedLayer(layer, inputs, outputs))
 
 
 class _Patch:
@@ -89,7 +97,11 @@ class _Patch:
         self.saved_call = layer.__dict__.get("call", _MISSING)
         self.original_call = layer.call
         activation = getattr(layer, "activation", None)
-        fused = callable(activation) and activation is not keras.activations.linear
+        fused = (
+            isinstance(layer, _FUSED_ACTIVATION_LAYERS)
+            and callable(activation)
+            and activation is not keras.activations.linear
+        )
         self.activation = activation if fused else None
 
     def install(self) -> None:
@@ -112,13 +124,18 @@ class _Patch:
         session = _active_session()
         if session is not None and id(self.layer) in session.layer_ids:
             inputs = args[0] if args else kwargs["inputs"]
-            if not isinstance(
-                inputs, keras.KerasTensor
-            ):  # skip symbolic shape inference
-                session.record(self.layer, inputs, outputs)
+            record = None
+            if not isinstance(inputs, keras.KerasTensor):  # not shape inference
+                record = CapturedLayer(self.layer, inputs, outputs, self.activation)
+                session.records.append(record)
+        else:
+            record = None
+        activated = outputs
         if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+            activated = self.activation(outputs)
+        if record is not None:
+            record.activated = activated
+        return activated
 
 
 _lock = threading.Lock()
@@ -138,21 +155,30 @@ def capture_layer_statistics(
     """Record input and pre-activation output of every ``layer_types`` layer of ``model``.
 
     Yields a list that the forward pass run inside the ``with`` block fills with
-    one :class:`CapturedLayer` per matching layer that was called, in call order.
+    one :class:`CapturedLayer` per call of a matching layer, in call order.
     Layers that were not called (an unused branch) have no record.
 
     Raises:
-        ValueError: if a matching layer is called twice within the block, or if
-            ``layer_types`` is not a tuple of layer classes.
+        ValueError: if ``layer_types`` is not a tuple of layer classes.
     """
     if not isinstance(layer_types, tuple) or not all(
         isinstance(t, type) and issubclass(t, keras.layers.Layer) for t in layer_types
     ):
         raise ValueError(
-            "`layer_types` must be a tuple of keras.layers.Layer subclasses. "
-            f"Received: layer_types={layer_types!r}"
+            "Argument `layer_types` must be a tuple of keras.layers.Layer "
+            f"subclasses. Received: layer_types={layer_types!r}"
         )
     layers = matching_layers(model, layer_types) if layer_types else []
+    with capture_layers(layers) as records:
+        yield records
+
+
+@contextlib.contextmanager
+def capture_layers(
+    layers: Sequence[keras.layers.Layer],
+) -> Iterator[list[CapturedLayer]]:
+    """Record every call of the given layer instances (see :func:`capture_layer_statistics`)."""
+    layers = list({id(layer): layer for layer in layers}.values())
     session = _Session(layers)
     with _lock:
         for layer in layers:
