@@ -64,3 +64,13 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"Argument `{name}` must be True or False. Received: {name}={value!r}")
     return bool(value)
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"Argument `{name}` must be one of {', '.join(map(repr, choices))}. "
+            f"Received: {name}={value!r}"
+        )
+    return value

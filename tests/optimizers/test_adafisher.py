@@ -10,7 +10,7 @@ import pytest
 import reference_fixtures as rf
 import tensorflow as tf
 
-from tfcurv.optimizers import kronecker_statistics as ks
+from tfcurv.curvature import layer_blocks
 from tfcurv.optimizers.adafisher import AdaFisher, AdaFisherW
 from tfcurv.training import Model, Sequential, attach
 
@@ -134,8 +134,8 @@ def test_reproduces_the_official_trajectory(name, reference_dir):
 
 
 # ------------------------------------------------------- statistics vs NumPy
-def _raw_factors(layout, x, g, dtype):
-    return ks.factors_from_sums(layout, ks.batch_sums(layout, x, g, dtype))
+def _raw_factors(block, x, g, dtype):
+    return block.raw_factors(block.statistic_sums(x, g, dtype))
 
 
 def _numpy_conv_patches(x, kernel_size, strides, padding, dilation, groups):
@@ -204,8 +204,8 @@ def test_conv2d_factors_match_a_direct_numpy_computation(
     )
     out = layer(x)
     g = rng.normal(size=out.shape)
-    layout = ks.factor_layout(layer, x)
-    h, s = _raw_factors(layout, tf.constant(x), tf.constant(g), "float64")
+    block = layer_blocks.block_for(layer)
+    h, s = _raw_factors(block, tf.constant(x), tf.constant(g), "float64")
 
     rows, positions = _numpy_conv_patches(x, (3, 2), strides, padding, dilation, groups)
     d = rows.shape[1]
@@ -220,8 +220,7 @@ def test_conv2d_factors_match_a_direct_numpy_computation(
         s.numpy(), (g**2).sum((0, 1, 2)) / (g.shape[0] * positions), rtol=1e-12
     )
     assert (
-        layout.h_size
-        == h.shape[0]
+        h.shape[0]
         == layer.kernel.shape[0] * layer.kernel.shape[1] * layer.kernel.shape[2]
         + use_bias
     )
@@ -234,7 +233,7 @@ def test_dense_factors_on_a_rank3_input():
     layer = keras.layers.Dense(2)
     layer(x)
     h, s = _raw_factors(
-        ks.factor_layout(layer, x), tf.constant(x), tf.constant(g), "float64"
+        layer_blocks.block_for(layer), tf.constant(x), tf.constant(g), "float64"
     )
     rows = np.concatenate([x.reshape(15, 4), np.ones((15, 1))], axis=1)
     np.testing.assert_allclose(h.numpy(), (rows**2).mean(0), rtol=1e-13)
@@ -248,7 +247,7 @@ def test_normalization_factors_match_the_official_formulas():
     bn = keras.layers.BatchNormalization()
     bn(x)
     h, s = _raw_factors(
-        ks.factor_layout(bn, x), tf.constant(x), tf.constant(g), "float64"
+        layer_blocks.block_for(bn), tf.constant(x), tf.constant(g), "float64"
     )
     u = x.sum((0, 1, 2)) / 15**2
     np.testing.assert_allclose(h.numpy(), [np.sum(u**2) / 16, 6 / 16], rtol=1e-13)
@@ -258,7 +257,7 @@ def test_normalization_factors_match_the_official_formulas():
     ln = keras.layers.LayerNormalization()
     ln(x3)
     h, s = _raw_factors(
-        ks.factor_layout(ln, x3), tf.constant(x3), tf.constant(g3), "float64"
+        layer_blocks.block_for(ln), tf.constant(x3), tf.constant(g3), "float64"
     )
     u = x3.sum((0, 2)) / 6**2  # every dim except dim 1, literally as the official code
     np.testing.assert_allclose(h.numpy(), [np.sum(u**2) / 16, 3 / 16], rtol=1e-13)
@@ -268,18 +267,17 @@ def test_normalization_factors_match_the_official_formulas():
 def test_min_max_normalization_keeps_the_official_epsilon():
     v = tf.constant([2.0, 3.0, np.inf, 2.5], "float64")
     expected = (np.array([2.0, 3.0, 1.0, 2.5]) - 1.0) / (3.0 - 1.0 + 1e-6)
-    np.testing.assert_allclose(ks.min_max_normalize(v).numpy(), expected, rtol=1e-15)
+    np.testing.assert_allclose(layer_blocks.min_max_normalize(v).numpy(), expected, rtol=1e-15)
 
 
-def test_unsupported_configurations_are_named():
-    bn = keras.layers.BatchNormalization()
-    x2 = np.zeros((2, 3))
-    bn(x2)
-    assert "rank-2" in ks.factor_layout(bn, x2)
+def test_layer_norm_over_other_axes_is_not_kronecker_factored():
     ln = keras.layers.LayerNormalization(axis=1)
     x3 = np.zeros((2, 3, 4))
     ln(x3)
-    assert "axes" in ks.factor_layout(ln, x3)
+    assert not layer_blocks.block_for(ln).supports_statistics(x3)
+    default = keras.layers.LayerNormalization()
+    default(x3)
+    assert layer_blocks.block_for(default).supports_statistics(x3)
 
 
 # -------------------------------------------------------------- model styles
@@ -407,7 +405,7 @@ class _Scale(keras.layers.Layer):
         return x * self.scale
 
 
-def test_unsupported_variables_get_f_equal_one_and_pairing_is_by_identity(caplog):
+def _custom_layer_model():
     keras.config.set_floatx("float64")
     keras.utils.set_random_seed(1)
     inputs = keras.Input((5,), dtype="int32")
@@ -416,52 +414,87 @@ def test_unsupported_variables_get_f_equal_one_and_pairing_is_by_identity(caplog
     x = _Scale(name="scale")(x)
     x = keras.layers.Dense(6, activation="tanh", name="fc1")(x)
     outputs = keras.layers.Dense(3, name="fc2")(x)
-    model = Model(inputs, outputs)
-    optimizer = AdaFisher(update_freq=1)
     rng = np.random.default_rng(2)
-    x_data, y_data = rng.integers(0, 7, size=(16, 5)), rng.integers(0, 3, size=16)
+    data = rng.integers(0, 7, size=(16, 5)), rng.integers(0, 3, size=16)
+    return Model(inputs, outputs), data
+
+
+def _one_fit_step(model, optimizer, data):
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     before = {v.path: v.numpy().copy() for v in model.trainable_variables}
     with tf.GradientTape() as tape:
-        loss = loss_fn(y_data, model(x_data, training=True))
+        loss = loss_fn(data[1], model(data[0], training=True))
+    gradients = tape.gradient(loss, model.trainable_variables)
     grads = {
         v.path: tf.convert_to_tensor(g).numpy()
-        for v, g in zip(
-            model.trainable_variables, tape.gradient(loss, model.trainable_variables)
-        )
+        for v, g in zip(model.trainable_variables, gradients)
     }
     model.compile(optimizer=optimizer, loss=loss_fn)
-    with caplog.at_level(logging.INFO, logger="tfcurv"):
-        model.fit(x_data, y_data, batch_size=16, epochs=1, verbose=0)
+    with pytest.warns(UserWarning) as caught:
+        model.fit(*data, batch_size=16, epochs=1, verbose=0)
+    messages = [str(w.message) for w in caught if "layer table" in str(w.message)]
+    assert len(messages) == 1
     by_path = {v.path: v for v in model.trainable_variables}
-    for path in ("emb/embeddings", "scale/scale"):
-        np.testing.assert_array_equal(
-            optimizer.preconditioner(by_path[path]).numpy(), 1.0
-        )
-        # One step: m = (1 - beta) g and bias correction 1 - beta give theta - lr * g.
-        np.testing.assert_allclose(
-            by_path[path].numpy(),
-            before[path] - 1e-3 * grads[path],
-            rtol=1e-12,
-            atol=1e-15,
-        )
-    # The supported layers after the unsupported ones are preconditioned (the
-    # official index walk would leave the last ones untouched).
-    for path in ("fc1/kernel", "fc1/bias", "fc2/kernel", "fc2/bias"):
-        f = optimizer.preconditioner(by_path[path]).numpy()
-        assert np.all(f < 0.1) and np.all(f > optimizer.damping)
-        assert not np.allclose(by_path[path].numpy(), before[path] - 1e-3 * grads[path])
-    summary = [
-        r.getMessage()
-        for r in caplog.records
-        if "Fisher-preconditioned" in r.getMessage()
-    ]
-    assert len(summary) == 1
-    assert (
-        "fc1, fc2" in summary[0]
-        and "emb/embeddings" in summary[0]
-        and "scale/scale" in summary[0]
+    return by_path, before, grads, messages[0]
+
+
+def test_identity_option_gives_f_equal_one_outside_the_table_and_pairs_by_identity():
+    model, data = _custom_layer_model()
+    optimizer = AdaFisher(update_freq=1, unsupported_layers="identity")
+    by_path, before, grads, message = _one_fit_step(model, optimizer, data)
+    np.testing.assert_array_equal(
+        optimizer.preconditioner(by_path["scale/scale"]).numpy(), 1.0
     )
+    # One step: m = (1 - beta) g and bias correction 1 - beta give theta - lr * g.
+    np.testing.assert_allclose(
+        by_path["scale/scale"].numpy(),
+        before["scale/scale"] - 1e-3 * grads["scale/scale"],
+        rtol=1e-12,
+        atol=1e-15,
+    )
+    # The table's layers after the custom one are preconditioned (the official
+    # index walk would leave the last ones untouched); so is the Embedding.
+    for path in ("emb/embeddings", "fc1/kernel", "fc1/bias", "fc2/kernel", "fc2/bias"):
+        f = optimizer.preconditioner(by_path[path]).numpy()
+        assert np.all(f < 1.0) and np.all(f >= optimizer.damping)
+        assert not np.allclose(by_path[path].numpy(), before[path] - 1e-3 * grads[path])
+    assert "scale/scale" in message and "barely train" in message
+    assert "emb" not in message and "fc1" not in message
+    np.testing.assert_array_equal(optimizer._pairing.numpy()[:2], [1, 0])
+
+
+def test_identity_pairing_is_saved_and_unknown_before_the_first_step(tmp_path):
+    model, data = _custom_layer_model()
+    optimizer = AdaFisher(update_freq=1, unsupported_layers="identity")
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="before the first training step"):
+        optimizer.preconditioner(model.trainable_variables[0])
+    with pytest.warns(UserWarning, match="layer table"):
+        model.fit(*data, batch_size=16, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", custom_objects={"_Scale": _Scale})
+    for old, new in zip(model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_array_equal(
+            optimizer.preconditioner(old).numpy(),
+            loaded.optimizer.preconditioner(new).numpy(),
+        )
+
+
+def test_default_preconditions_variables_outside_the_table_by_their_gradient():
+    model, data = _custom_layer_model()
+    optimizer = AdaFisher(update_freq=1)
+    by_path, before, grads, message = _one_fit_step(model, optimizer, data)
+    assert "scale/scale" in message and "diagonal empirical Fisher" in message
+    g2 = grads["scale/scale"] ** 2  # shape (20,): lead is one entry, last = g^2 / sum
+    last = g2 / g2.sum()
+    last = (last - last.min()) / (last.max() - last.min() + 1e-6)
+    gamma = optimizer.gamma
+    expected = (0.1 * gamma + 0.01 * gamma) * (0.1 * gamma + 0.01 * gamma * last) + 1e-3
+    np.testing.assert_allclose(
+        optimizer.preconditioner(by_path["scale/scale"]).numpy(), expected, rtol=1e-12
+    )
+    assert optimizer._pairing is None
 
 
 # ----------------------------------------------------------- options & checks

@@ -4,32 +4,40 @@ Kronecker-factored empirical Fisher (Gomes et al., ICLR 2025).
 Faithful to the official implementation (``AtlasAnalyticsLab/AdaFisher``,
 ``optimizers/AdaFisher.py`` at ``eb858c6``), see ``spec/algorithms.md`` §2 and
 ``docs/optimizers/adafisher.md``. Every ``update_freq`` steps the tfcurv train
-step hands over the inputs and pre-activation output gradients of every Dense,
-Conv2D, BatchNormalization and LayerNormalization layer; from them each layer's
-factor vectors ``H`` (input side) and ``S`` (output side) are min-max normalised
-and folded into an EMA. Every step, each weight of a supported layer gets
+step hands over the inputs and pre-activation output gradients of every layer
+of tfcurv's layer table (:mod:`tfcurv.curvature.layer_blocks`: the official
+Dense, Conv2D, BatchNormalization and LayerNormalization, and Embedding,
+EinsumDense, the other convolutions and normalisations); from them each
+layer's factor vectors ``H`` (input side) and ``S`` (output side) are min-max
+normalised and folded into an EMA. Every step, each weight gets
 
     F = S_i * H_j + damping
     m <- beta * m + (1 - beta) * g
     AdaFisher:  theta <- theta - lr / (1 - beta^t) * m / F          (g += wd * theta)
     AdaFisherW: theta <- theta - lr * (m / (1 - beta^t) / F + wd * theta)
 
-Variables of no supported layer (Embedding tables, custom weights, ...) use
-``F = 1``; variables are paired with layers by identity.
+Variables of no layer in the table (recurrent cells, custom weights, ...) get
+a diagonal empirical Fisher from the squared mini-batch gradient, factored
+into the same ``H``/``S`` slots (``unsupported_layers="diagonal"``, the
+default), or the official ``F = 1`` (``unsupported_layers="identity"``, with
+which such variables barely train). Variables are paired with layers by
+identity; a shared layer sums its statistics over its calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import warnings
 
 import keras
 import tensorflow as tf
 from keras import ops
 
 from tfcurv import _keras
-from tfcurv._checks import check_bool, check_integer, check_range
-from tfcurv.optimizers import kronecker_statistics as ks
+from tfcurv._checks import check_bool, check_choice, check_integer, check_range
+from tfcurv.curvature import layer_blocks
 from tfcurv.optimizers.curvature_optimizer import CurvatureContext, CurvatureOptimizer
 from tfcurv.optimizers.hyperparameters import constant
 
@@ -49,15 +57,86 @@ def _factor_sizes(shape) -> tuple[int, int]:
     return h_size, s_size
 
 
+def _diagonal_fisher_factors(variable, gradient):
+    """``(lead, last)`` of a variable no block covers: the squared (global
+    mini-batch) gradient, split by :func:`layer_blocks.rank_one_factors` and
+    min-max normalised."""
+    gradient = tf.cast(gradient, variable.dtype)
+    lead, last = layer_blocks.rank_one_factors(gradient * gradient, tuple(variable.shape))
+    return (
+        layer_blocks.min_max_normalize(lead, single_entry_is_one=True),
+        layer_blocks.min_max_normalize(last, single_entry_is_one=True),
+    )
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Which block preconditions which of the optimizer's variables, this trace."""
+
+    blocks: list  # layer_blocks.Block, each with the variables it covers
+    inputs: list  # per block, the input of each call of its layer
+    output_gradients: list  # per block, the output gradient of each call
+    sum_counts: dict  # id(block) -> number of statistic sums
+    fallback: list  # variables with the diagonal empirical Fisher
+    fallback_positions: list  # their positions in the context's variables
+    uncovered: list  # variables of no block (fallback or F = 1)
+
+    @classmethod
+    def from_context(cls, optimizer, context):
+        by_layer = {}
+        for statistics in context.layer_statistics:
+            by_layer.setdefault(id(statistics.layer), []).append(statistics)
+        blocks, inputs, gradients, counts, covered = [], [], [], {}, set()
+        for records in by_layer.values():
+            block = layer_blocks.block_for(records[0].layer)
+            if block is None or not block.variables:
+                continue
+            known = [v for v in block.variables if _knows(optimizer, v)]
+            if len(known) != len(block.variables):
+                continue  # partly outside this optimizer: diagonal for its part
+            if not all(block.supports_statistics(r.inputs) for r in records):
+                continue
+            blocks.append(block)
+            inputs.append([r.inputs for r in records])
+            gradients.append(
+                [
+                    tf.zeros_like(r.outputs) if r.output_gradients is None
+                    else r.output_gradients
+                    for r in records
+                ]  # fmt: skip
+            )
+            covered.update(id(v) for v in known)
+        uncovered = [v for v in context.variables if id(v) not in covered]
+        diagonal = optimizer.unsupported_layers == "diagonal"
+        positions = [
+            i for i, v in enumerate(context.variables) if id(v) not in covered
+        ] if diagonal else []  # fmt: skip
+        return cls(
+            blocks, inputs, gradients, counts,
+            [context.variables[i] for i in positions], positions, uncovered,
+        )  # fmt: skip
+
+    def pairing(self, optimizer):
+        """The saved pairing: 1 for a variable a block covers, 0 for F = 1."""
+        flags = [0] * len(optimizer._momentums)
+        for block in self.blocks:
+            for variable in block.variables:
+                flags[_keras.variable_index(optimizer, variable)] = 1
+        return tf.constant(flags, "int32")
+
+
+def _knows(optimizer, variable) -> bool:
+    try:
+        _keras.variable_index(optimizer, variable)
+    except KeyError:
+        return False
+    return True
+
+
 class _AdaFisherBase(CurvatureOptimizer):
     """Statistics, factor state and preconditioner shared by AdaFisher and AdaFisherW."""
 
-    statistics_layer_types = (
-        keras.layers.Dense,
-        keras.layers.Conv2D,
-        keras.layers.BatchNormalization,
-        keras.layers.LayerNormalization,
-    )
+    statistics_layer_types = layer_blocks.supported_layer_types(parameterised_only=True)
 
     def __init__(
         self,
@@ -68,6 +147,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         update_freq: int = 100,
         weight_decay: float = 0.0,
         normalized_ema: bool = False,
+        unsupported_layers: str = "diagonal",
         name: str | None = None,
         **kwargs,
     ):
@@ -84,8 +164,10 @@ class _AdaFisherBase(CurvatureOptimizer):
         self.update_freq = check_integer("update_freq", update_freq)
         self.weight_decay = check_range("weight_decay", weight_decay, 0.0)
         self.normalized_ema = check_bool("normalized_ema", normalized_ema)
-        self._preconditioned: dict[int, bool] = {}
-        self._layouts: list[ks.FactorLayout] = []
+        self.unsupported_layers = check_choice(
+            "unsupported_layers", unsupported_layers, ("diagonal", "identity")
+        )
+        self._pairing = None
         self._summary_logged = False
 
     # ------------------------------------------------------------------ state
@@ -112,6 +194,16 @@ class _AdaFisherBase(CurvatureOptimizer):
                     )
                 )
         self._decayed = [_keras.uses_weight_decay(self, v) for v in var_list]
+        if self.unsupported_layers == "identity":
+            # Saved state: 1 for a variable of a layer in the table, 0 for
+            # F = 1, -1 before the first step paired them.
+            self._pairing = self.add_variable(
+                shape=(len(var_list),),
+                initializer=keras.initializers.Constant(-1),
+                dtype="int32",
+                aggregation="only_first_replica",
+                name="fisher_pairing",
+            )
 
     def _apply_weight_decay(self, variables):
         """No-op: AdaFisher's decay is coupled L2 and AdaFisherW's is inside its
@@ -122,77 +214,71 @@ class _AdaFisherBase(CurvatureOptimizer):
         return ops.equal(ops.mod(self.iterations, self.update_freq), 0)
 
     def compute_curvature(self, context: CurvatureContext):
-        """This replica's batch sums of every preconditioned layer (three tensors
-        per layer, see :func:`kronecker_statistics.batch_sums`) on statistics
-        steps, zeros on the other steps; sum-reduced across replicas."""
-        self._pair_variables(context)
-        layouts = self._layouts
-        if not layouts:
+        """This replica's statistic sums of every block (summed over the calls
+        of a shared layer) on statistics steps, zeros on the other steps, and
+        the gradients of the variables no block covers (``"diagonal"``); all
+        sum-reduced across replicas."""
+        plan = self._plan = _Plan.from_context(self, context)
+        self._log_summary(plan)
+        if not plan.blocks and not plan.fallback:
             return [], []
-        statistics = {id(s.layer): s for s in context.layer_statistics}
-        inputs = [statistics[id(layout.layer)].inputs for layout in layouts]
-        gradients = [
-            tf.zeros_like(x) if g is None else g
-            for x, g in zip(
-                inputs, (statistics[id(lay.layer)].output_gradients for lay in layouts)
-            )
-        ]
+        inputs, gradients = plan.inputs, plan.output_gradients
 
         def sums(inputs, gradients):
-            return [
-                total
-                for layout, x, g in zip(layouts, inputs, gradients)
-                for total in ks.batch_sums(layout, x, g, layout.parts[0].variable.dtype)
-            ]
+            totals = []
+            for block, xs, gs in zip(plan.blocks, inputs, gradients):
+                dtype = block.variables[0].dtype
+                per_call = [block.statistic_sums(x, g, dtype) for x, g in zip(xs, gs)]
+                plan.sum_counts[id(block)] = len(per_call[0])
+                totals += [tf.add_n(list(parts)) for parts in zip(*per_call)]
+            return totals
 
-        # Traced once, outside the cond: the other branch only needs the shapes
-        # and dtypes of its outputs (zeros), not a second copy of the sums. No
-        # AutoGraph (nor below): no Python control flow depends on a tensor,
-        # and converting the source took most of the first trace's time.
-        compiled = tf.function(
-            sums, jit_compile=True, autograph=False
-        ).get_concrete_function(inputs, gradients)
-        outputs = compiled.structured_outputs
+        values = []
+        if plan.blocks:
+            # Traced once, outside the cond: the other branch only needs the
+            # shapes and dtypes of its outputs (zeros), not a second copy of
+            # the sums. No AutoGraph (nor below): no Python control flow
+            # depends on a tensor, and converting the source took most of the
+            # first trace's time.
+            compiled = tf.function(
+                sums, jit_compile=True, autograph=False
+            ).get_concrete_function(inputs, gradients)
+            outputs = compiled.structured_outputs
 
-        def skip():
-            return [tf.zeros(total.shape, total.dtype) for total in outputs]
+            def skip():
+                return [tf.zeros(total.shape, total.dtype) for total in outputs]
 
-        values = ops.cond(
-            self._statistics_due(), lambda: compiled(inputs, gradients), skip
-        )
-        return list(values), ["sum"] * len(values)
+            values = list(
+                ops.cond(self._statistics_due(), lambda: compiled(inputs, gradients), skip)
+            )
+        values += [tf.convert_to_tensor(context.gradients[i]) for i in plan.fallback_positions]
+        return values, ["sum"] * len(values)
 
     def store_curvature(self, values):
-        """Turn the global batch sums into the official factors, min-max normalise
-        them and fold them into the EMA, on statistics steps only."""
-        layouts = self._layouts
-        if not layouts:
+        """Turn the global sums into normalised factors and fold them into the
+        EMA, on statistics steps only."""
+        plan = self._plan
+        slots = [self._slot_pair(v) for block in plan.blocks for v in block.variables]
+        slots += [self._slot_pair(v) for v in plan.fallback]
+        if not slots:
             return
-        slots = []
-        for layout in layouts:
-            for part in layout.parts:
-                index = _keras.variable_index(self, part.variable)
-                slots.append((self._input_factors[index], self._output_factors[index]))
         current = [t for pair in slots for t in (pair[0].value, pair[1].value)]
         keep, forget = self._ema_weights()
 
         @tf.function(jit_compile=True, autograph=False)
         def normalize_and_average(current, values):
-            updated, position = [], 0
-            for number, layout in enumerate(layouts):
-                h, s = ks.factors_from_sums(layout, values[3 * number : 3 * number + 3])
-                h_hat, s_hat = ks.min_max_normalize(h), ks.min_max_normalize(s)
-                for part in layout.parts:
-                    h_old, s_old = current[position], current[position + 1]
-                    keep_, forget_ = (
-                        constant(keep, h_old.dtype),
-                        constant(forget, h_old.dtype),
-                    )
-                    updated.append(
-                        h_old * keep_ + forget_ * h_hat[part.start : part.stop]
-                    )
-                    updated.append(s_old * keep_ + forget_ * s_hat)
-                    position += 2
+            fresh, position = [], 0
+            for block in plan.blocks:
+                count = plan.sum_counts[id(block)]
+                fresh += block.normalized_factors(values[position : position + count])
+                position += count
+            for variable, gradient in zip(plan.fallback, values[position:]):
+                fresh.append(_diagonal_fisher_factors(variable, gradient))
+            updated = []
+            for (lead, last), h_old, s_old in zip(fresh, current[0::2], current[1::2]):
+                keep_, forget_ = constant(keep, h_old.dtype), constant(forget, h_old.dtype)
+                updated.append(h_old * keep_ + forget_ * tf.cast(lead, h_old.dtype))
+                updated.append(s_old * keep_ + forget_ * tf.cast(last, s_old.dtype))
             return updated
 
         new_values = ops.cond(
@@ -203,6 +289,12 @@ class _AdaFisherBase(CurvatureOptimizer):
         for (h_slot, s_slot), h, s in zip(slots, new_values[0::2], new_values[1::2]):
             h_slot.assign(h)
             s_slot.assign(s)
+        if self._pairing is not None:
+            self._pairing.assign(plan.pairing(self))
+
+    def _slot_pair(self, variable):
+        index = _keras.variable_index(self, variable)
+        return self._input_factors[index], self._output_factors[index]
 
     def _ema_weights(self) -> tuple[float, float]:
         """``(keep, forget)`` of ``H <- keep * H + forget * h_hat``.
@@ -214,55 +306,36 @@ class _AdaFisherBase(CurvatureOptimizer):
             return self.gamma, 1.0 - self.gamma
         return self.gamma * 1e-1, self.gamma * 1e-2
 
-    def _index(self, layout: ks.FactorLayout) -> int:
-        return _keras.variable_index(self, layout.parts[0].variable)
-
-    def _pair_variables(self, context: CurvatureContext) -> None:
-        """Pair the optimizer's variables with the captured layers, by identity."""
-        layouts, preconditioned, fallback_layers = [], {}, []
-        for statistics in context.layer_statistics:
-            layout = ks.factor_layout(statistics.layer, statistics.inputs)
-            if isinstance(layout, str):
-                fallback_layers.append(f"{statistics.layer.name} ({layout})")
-                continue
-            parts = tuple(p for p in layout.parts if self._knows(p.variable))
-            if not parts:
-                continue
-            layouts.append(
-                ks.FactorLayout(layout.layer, layout.kind, layout.h_size, parts)
-            )
-            for part in parts:
-                preconditioned[_keras.variable_index(self, part.variable)] = True
-        self._layouts = layouts
-        self._preconditioned = preconditioned
-        if not self._summary_logged:
-            self._summary_logged = True
-            self._log_summary(layouts, fallback_layers)
-
-    def _knows(self, variable) -> bool:
-        try:
-            _keras.variable_index(self, variable)
-        except KeyError:
-            return False
-        return True
-
-    def _log_summary(self, layouts, fallback_layers) -> None:
-        fallback = [
-            v.path
-            for i, v in enumerate(self._trainable_variables)
-            if not self._preconditioned.get(i)
-        ]
-        message = (
-            f"{type(self).__name__}: Fisher-preconditioned layers: "
-            f"{', '.join(lay.layer.name for lay in layouts) or 'none'}; "
-            f"F = 1 for variables: {', '.join(fallback) or 'none'}"
-            + (
-                f"; unsupported layers: {', '.join(fallback_layers)}"
-                if fallback_layers
-                else ""
-            )
+    def _log_summary(self, plan) -> None:
+        if self._summary_logged:
+            return
+        self._summary_logged = True
+        logger.info(
+            "%s: Kronecker-factored layers: %s",
+            type(self).__name__,
+            ", ".join(block.layer.name for block in plan.blocks) or "none",
         )
-        logger.log(logging.WARNING if fallback else logging.INFO, message)
+        if not plan.uncovered:
+            return
+        names = ", ".join(v.path for v in plan.uncovered)
+        if self.unsupported_layers == "identity":
+            consequence = (
+                "they use F = 1 (unsupported_layers='identity', as the official "
+                "code): their steps are about 1/damping = "
+                f"{1 / self.damping:.3g} times smaller than those of the "
+                "preconditioned layers, so they barely train"
+            )
+        else:
+            consequence = (
+                "they are preconditioned by a diagonal empirical Fisher (the "
+                "squared mini-batch gradient, row/column factored, min-max "
+                "normalised) instead of Kronecker factors"
+            )
+        warnings.warn(
+            f"{type(self).__name__}: no layer of tfcurv's layer table owns the "
+            f"variables {names}; {consequence}.",
+            stacklevel=2,
+        )
 
     # ---------------------------------------------------------- preconditioner
     def fisher_factors(self, variable) -> tuple[tf.Tensor, tf.Tensor]:
@@ -280,15 +353,22 @@ class _AdaFisherBase(CurvatureOptimizer):
         """
         index = _keras.variable_index(self, variable)
         dtype = variable.dtype
-        if not self._preconditioned.get(index):
-            return ops.ones(variable.shape, dtype)
         h, s = self.fisher_factors(variable)
         shape = tuple(variable.shape)
         if len(shape) >= 2:
             outer = ops.reshape(h, shape[:-1] + (1,)) * s
         else:
             outer = h * s
-        return outer + constant(self.damping, dtype)
+        fisher = outer + constant(self.damping, dtype)
+        if self._pairing is None:
+            return fisher
+        if tf.executing_eagerly() and int(self._pairing[index]) < 0:
+            raise ValueError(
+                f"The preconditioner of {variable.path} is not known before the "
+                "first training step (unsupported_layers='identity' pairs "
+                "variables with layers in the first step)."
+            )
+        return ops.where(self._pairing[index] > 0, fisher, ops.ones_like(fisher))
 
     def _bias_correction(self, dtype):
         step = ops.cast(self.iterations + 1, dtype)
@@ -319,6 +399,7 @@ class _AdaFisherBase(CurvatureOptimizer):
                 "update_freq": self.update_freq,
                 "weight_decay": self.weight_decay,
                 "normalized_ema": self.normalized_ema,
+                "unsupported_layers": self.unsupported_layers,
             }
         )
         return config

@@ -48,12 +48,15 @@ class LayerStatistics:
         inputs: the tensor the layer received.
         output_gradients: gradient of the (unscaled) training loss with respect to
             the layer's pre-activation output (for a layer with a fused
-            ``activation=``, the output before that activation).
+            ``activation=``, the output before that activation); None when the
+            output does not reach the loss.
+        outputs: that pre-activation output.
     """
 
     layer: keras.layers.Layer
     inputs: tf.Tensor
-    output_gradients: tf.Tensor
+    output_gradients: tf.Tensor | None
+    outputs: tf.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +77,8 @@ class CurvatureContext:
             persistent): it may be traced in several ``cond``/``switch``
             branches, of which only the one taken runs.
         layer_statistics: captured layer inputs and output gradients, one per
-            called layer of a type in ``statistics_layer_types``, in the order
-            the forward pass called them (empty unless the optimizer asked for
+            call of a layer of a type in ``statistics_layer_types`` (a shared
+            layer has one per call), in the order the forward pass called them (empty unless the optimizer asked for
             them). Under mixed precision the output gradients are float32.
     """
 

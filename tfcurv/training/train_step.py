@@ -234,7 +234,9 @@ def curvature_train_step(model: keras.Model, data):
 
     scale = _loss_scale(optimizer)
     statistics = [
-        LayerStatistics(record.layer, record.inputs, _unscale(gradient, scale))
+        LayerStatistics(
+            record.layer, record.inputs, _unscale(gradient, scale), record.outputs
+        )
         for record, gradient in zip(records, output_gradients)
     ]
 
