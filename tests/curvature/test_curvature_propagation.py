@@ -162,3 +162,121 @@ def test_probability_outputs_are_refused():
     hessian = Hessian(model, keras.losses.SparseCategoricalCrossentropy(), batch)
     with pytest.raises(ValueError, match="from_logits=True"):
         hessian.diagonal("curvature_propagation", num_samples=1)
+
+
+# ------------------------------------------------ the layer table's other layers
+def _sequence_model():
+    """Embedding, causal Conv1D, EinsumDense and a Dense called on two inputs."""
+    keras.config.set_floatx("float64")
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(12, 4, name="emb")(inputs)
+    h = keras.layers.Conv1D(3, 3, padding="causal", activation="tanh", name="conv1d")(h)
+    h = keras.layers.EinsumDense(
+        "abc,cd->abd", (6, 5), bias_axes="d", activation="softplus", name="einsum"
+    )(h)
+    shared = keras.layers.Dense(5, activation="tanh", name="shared")
+    cropped = keras.layers.Cropping1D((1, 0), name="crop")(h)
+    h = keras.layers.Concatenate(axis=1, name="join")([shared(h), shared(cropped)])
+    h = keras.layers.Flatten(name="flat")(h)
+    outputs = keras.layers.Dense(3, name="logits")(h)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(5)
+    return model, (rng.integers(0, 12, size=(4, 6)), np.array([0, 1, 2, 1]))
+
+
+def _image_model():
+    """DepthwiseConv2D, Conv2DTranspose and SeparableConv2D."""
+    keras.config.set_floatx("float64")
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((5, 5, 2))
+    h = keras.layers.DepthwiseConv2D(
+        3, depth_multiplier=2, activation="tanh", name="depthwise"
+    )(inputs)
+    h = keras.layers.Conv2DTranspose(
+        2, 2, strides=2, activation="sigmoid", name="transpose"
+    )(h)
+    h = keras.layers.SeparableConv2D(3, 3, activation="elu", name="separable")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    outputs = keras.layers.Dense(3, name="logits")(h)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(7)
+    return model, (rng.standard_normal((4, 5, 5, 2)), np.array([0, 1, 2, 1]))
+
+
+@pytest.mark.parametrize("kind", [Hessian, GaussNewton])
+@pytest.mark.parametrize("build", [_sequence_model, _image_model])
+def test_curvature_propagation_is_unbiased_on_every_table_layer_and_shared_ones(
+    kind, build, operators
+):
+    operator = operators(kind, build)
+    exact = operator.diagonal("exact")
+    sizes = [v.shape.num_elements() for v in operator.variables]
+    for block in np.split(exact, np.cumsum(sizes)[:-1]):
+        assert np.any(np.abs(block) > 1e-6)  # every variable takes part
+    _assert_unbiased(_cp_samples(operator, 400), exact)
+
+
+def test_duplicated_variables_count_once():
+    model, batch = _sequence_model()
+    shared = model.get_layer("shared")
+    once = Hessian(model, _loss(), batch, variables=[shared])
+    twice = Hessian(model, _loss(), batch, variables=[shared, shared.kernel, shared])
+    assert twice.size == once.size == shared.kernel.shape.num_elements() + 5
+    np.testing.assert_array_equal(
+        twice.diagonal("curvature_propagation", num_samples=4, seed=2),
+        once.diagonal("curvature_propagation", num_samples=4, seed=2),
+    )
+
+
+def _gru_then_dense():
+    keras.config.set_floatx("float64")
+    keras.utils.set_random_seed(8)
+    inputs = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(10, 3, name="emb")(inputs)
+    h = keras.layers.GRU(4, name="gru")(h)
+    h = keras.layers.Dense(4, activation="tanh", name="hidden")(h)
+    outputs = keras.layers.Dense(3, name="logits")(h)
+    rng = np.random.default_rng(9)
+    return keras.Model(inputs, outputs), (
+        rng.integers(0, 10, size=(6, 5)), np.array([0, 1, 2, 1, 0, 2])
+    )
+
+
+def test_layers_outside_the_table_are_constants_when_variables_leave_them_out():
+    model, batch = _gru_then_dense()
+    after = [model.get_layer("hidden"), model.get_layer("logits")]
+    hessian = Hessian(model, _loss(), batch, variables=after)
+    _assert_unbiased(
+        hessian._propagation_estimator().samples(*batch, None, 400, 0).numpy(),
+        hessian.diagonal("exact"),
+    )
+    # The GRU's own variables have no rule; the Embedding's lie before the GRU,
+    # whose second derivatives CP does not have.
+    with pytest.raises(ValueError, match="'gru' \\(GRU\\).*variables="):
+        Hessian(model, _loss(), batch).diagonal("curvature_propagation", num_samples=1)
+    before = Hessian(model, _loss(), batch, variables=[model.get_layer("emb")])
+    with pytest.raises(ValueError, match="'gru'.*between a selected layer and the loss"):
+        before.diagonal("curvature_propagation", num_samples=1)
+    # The Gauss-Newton matrix needs no second derivatives of the GRU.
+    gauss_newton = GaussNewton(model, _loss(), batch, variables=[model.get_layer("emb")])
+    _assert_unbiased(
+        gauss_newton._propagation_estimator().samples(*batch, None, 400, 0).numpy(),
+        gauss_newton.diagonal("exact"),
+    )
+
+
+def test_shared_layer_called_on_its_own_output():
+    """Exact for the Gauss-Newton matrix; refused for the Hessian, whose
+    ``W tanh(W x)`` term between the calls CP does not carry."""
+    keras.config.set_floatx("float64")
+    keras.utils.set_random_seed(10)
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(shared(shared(inputs))))
+    rng = np.random.default_rng(11)
+    batch = rng.standard_normal((5, 4)), np.array([0, 1, 2, 1, 0])
+    gauss_newton = GaussNewton(model, _loss(), batch)
+    _assert_unbiased(_cp_samples(gauss_newton, 400), gauss_newton.diagonal("exact"))
+    with pytest.raises(ValueError, match="'shared'.*its own output"):
+        Hessian(model, _loss(), batch).diagonal("curvature_propagation", num_samples=1)

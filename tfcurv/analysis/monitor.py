@@ -22,7 +22,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from tfcurv.analysis.spectra import compiled_loss
-from tfcurv.analysis.trajectory import all_layers
+from tfcurv.curvature.layers import layers_with_weights
 from tfcurv.curvature.operators import Hessian
 
 _TRACE_METHODS = ("hutchinson", "hutch++", "exact")
@@ -157,7 +157,7 @@ class CurvatureMonitor(keras.callbacks.Callback):
         loss = compiled_loss(self.model, self.loss)
         operators = {"": Hessian(self.model, loss, self.data, training=self.training)}
         if self.per_layer:
-            for layer in _layers_with_weights(self.model):
+            for layer in layers_with_weights(self.model):
                 operators[layer.name] = Hessian(
                     self.model, loss, self.data, training=self.training, variables=layer
                 )
@@ -198,15 +198,3 @@ def _write_scalar(name: str, value: float, step: int) -> None:
     )
 
 
-def _layers_with_weights(model: keras.Model) -> list:
-    """Layers that own trainable variables directly (not through sub-layers)."""
-    owned = []
-    for layer in all_layers(model):
-        nested = {
-            id(v)
-            for sub in getattr(layer, "layers", [])
-            for v in sub.trainable_variables
-        }
-        if any(id(v) not in nested for v in layer.trainable_variables):
-            owned.append(layer)
-    return owned

@@ -17,7 +17,7 @@ import numpy as np
 
 from tfcurv.analysis.overlaps import as_rows
 from tfcurv.analysis.results import SavableResult
-from tfcurv.analysis.trajectory import resolve_variables
+from tfcurv.curvature.layers import select_variables
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ def reconstruction_curve(
         raise ValueError(
             "`model` must be compiled (reconstruction_curve calls model.evaluate)"
         )
-    (target,) = resolve_variables(model, [variable])
+    (target,) = select_variables(model, [variable], trainable_only=False)
     original = np.array(keras.ops.convert_to_numpy(target), copy=True)
     available = len(as_rows(directions))
     counts = _checked_counts(

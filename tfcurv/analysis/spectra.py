@@ -22,7 +22,7 @@ import numpy as np
 
 from tfcurv.analysis.overlaps import localisation, overlap_matrix, split_rows
 from tfcurv.analysis.results import SavableResult
-from tfcurv.analysis.trajectory import resolve_variables
+from tfcurv.curvature.layers import select_variables
 from tfcurv.curvature.operators import Hessian
 
 
@@ -117,7 +117,7 @@ def hessian_eigenpairs(
             exactly from the dense matrix; larger ones use Lanczos.
         tol, max_iter, seed: passed to ``Hessian.eigenvalues`` for Lanczos.
     """
-    chosen = resolve_variables(model, variables)
+    chosen = select_variables(model, variables)
     hessian = Hessian(
         model, compiled_loss(model, loss), data, training=training, variables=chosen
     )
@@ -215,7 +215,7 @@ def _blocks(model: keras.Model, variables: Sequence | None) -> list[list]:
         if isinstance(variables, (str, keras.layers.Layer))
         else list(variables)
     )
-    return [resolve_variables(model, [item]) for item in items]
+    return [select_variables(model, [item]) for item in items]
 
 
 def _block_name(block: list) -> str:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from tfcurv.curvature.layers import select_variables
+
 _META_FILE = "trajectory.json"
 _STEPS_FILE = "steps.bin"
 _STEP_DTYPE = np.dtype("int64")
@@ -188,7 +190,9 @@ class WeightTrajectory(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self._variables is None:
-            self._variables = resolve_variables(self.model, self._requested)
+            self._variables = select_variables(
+                self.model, self._requested, trainable_only=False
+            ) if self._requested is not None else list(self.model.trainable_variables)
             self._start_files()
         self._check_planned_budget()
         step = self._current_step()
@@ -296,60 +300,6 @@ class WeightTrajectory(keras.callbacks.Callback):
             )
         self._bytes_written += self._buffered_bytes()
         self._buffer = []
-
-
-def resolve_variables(model: keras.Model, requested: Sequence | None) -> list:
-    """Turn ``variables`` as users write it into a list of Keras variables.
-
-    Accepts ``None`` (all trainable variables), or a list of variables, layers,
-    layer names and variable paths (exact, or matching the end of the path).
-    """
-    if requested is None:
-        return list(model.trainable_variables)
-    if isinstance(requested, (str, keras.Variable, keras.layers.Layer)):
-        requested = [requested]
-    layers_by_name = {layer.name: layer for layer in all_layers(model)}
-    resolved = []
-    for item in requested:
-        if isinstance(item, keras.layers.Layer):
-            resolved.extend(item.trainable_variables)
-        elif isinstance(item, str) and item in layers_by_name:
-            resolved.extend(layers_by_name[item].trainable_variables)
-        elif isinstance(item, str):
-            matches = [
-                v
-                for v in model.variables
-                if v.path == item or v.path.endswith("/" + item)
-            ]
-            if len(matches) != 1:
-                raise ValueError(
-                    "`variables` entries must name one layer or one variable of the model; "
-                    f"{item!r} matches {len(matches)} variables. "
-                    f"Variables: {[v.path for v in model.variables]}"
-                )
-            resolved.append(matches[0])
-        elif hasattr(item, "path") and hasattr(item, "shape"):
-            resolved.append(item)
-        else:
-            raise ValueError(
-                "`variables` must be None or a list of Keras variables, layers, layer names "
-                f"or variable paths. Received an entry {item!r}"
-            )
-    if not resolved:
-        raise ValueError(
-            f"`variables` selects no variable. Received: variables={requested!r}"
-        )
-    return list({id(v): v for v in resolved}.values())
-
-
-def all_layers(model: keras.Model) -> list:
-    """Every layer of ``model``, nested models' layers included (breadth first)."""
-    layers, stack = [], list(getattr(model, "layers", []))
-    while stack:
-        layer = stack.pop(0)
-        layers.append(layer)
-        stack.extend(getattr(layer, "layers", []) or [])
-    return layers
 
 
 def _file_name(path: str, used: set) -> str:

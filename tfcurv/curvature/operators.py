@@ -36,6 +36,7 @@ from tfcurv.curvature import products
 from tfcurv.curvature import trace as trace_lib
 from tfcurv.curvature import vectors as vec
 from tfcurv.curvature.exact_moments import exact_second_derivatives
+from tfcurv.curvature.layers import select_variables
 from tfcurv.curvature.second_derivatives import check_second_derivatives
 
 DEFAULT_MAX_DENSE_SIZE = 5000
@@ -43,35 +44,6 @@ DEFAULT_MAX_DENSE_SIZE = 5000
 # tracing k unrolled products costs about k times one trace (12 s for k = 16 on a
 # small CNN) while running them saves little, so products go one at a time.
 _VECTORS_PER_CALL = 1
-
-
-def select_variables(model: keras.Model, variables) -> list:
-    """``variables`` as a list of the model's trainable variables.
-
-    Accepts ``None`` (all trainable variables), a layer, a variable, or a list
-    of layers and variables.
-    """
-    trainable = list(model.trainable_variables)
-    if variables is None:
-        selected = trainable
-    else:
-        items = variables if isinstance(variables, (list, tuple)) else [variables]
-        selected = []
-        for item in items:
-            if isinstance(item, keras.layers.Layer):
-                selected.extend(item.trainable_variables)
-            else:
-                selected.append(item)
-    known = {id(v) for v in trainable}
-    for v in selected:
-        if id(v) not in known:
-            raise ValueError(
-                f"variables must be trainable variables (or layers) of the model; "
-                f"{getattr(v, 'path', v)!r} is not one"
-            )
-    if not selected:
-        raise ValueError("variables selects no trainable variable")
-    return selected
 
 
 def _check_positive_int(value, name: str) -> int:

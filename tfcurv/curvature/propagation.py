@@ -13,51 +13,56 @@ Hessian diagonal; the mean over examples estimates the diagonal of the mean
 loss. The Gauss-Newton matrix is the special case without activation terms
 (``gamma = delta``).
 
-Implementation: one forward pass records, for every parameterised layer, its
-input and a zero "probe" added to its pre-activation output, and for every
-activation its input ``s``. Backpropagating ``gamma`` is then a single
-``tape.gradient`` of ``<F v, z> + sum_i <F_i v_i, s_i>`` with respect to the
-probes (injections enter as constant cotangents), so a sample costs one extra
+Implementation: one forward pass inside the layer capture
+(:mod:`tfcurv.curvature.layer_capture`) records every layer call: input,
+pre-activation output, fused activation. Backpropagating ``gamma`` is then a
+single ``tape.gradient`` of ``<F v, z> + sum_i <F_i v_i, s_i>`` with respect to
+the pre-activation outputs of the layers that own the selected variables
+(injections enter as constant cotangents), so a sample costs one extra
 backward pass per propagated vector (two for the Hessian, one for the GGN).
+Each such layer's block of the layer table
+(:mod:`tfcurv.curvature.layer_blocks`) turns its input and that cotangent into
+per-example weight gradients; a layer called several times (shared weights)
+sums them over its calls.
 
-Supported: Sequential and Functional models of Dense, Conv1D, Conv2D
-(channels_last, groups=1), DepthwiseConv2D (channels_last), BatchNormalization
-in inference mode, elementwise activations, pooling, Flatten, Reshape, Add / Subtract / Concatenate /
-Average, Dropout and padding layers; losses: softmax cross-entropy and sigmoid
-binary cross-entropy from logits, mean squared error, on ``(N, C)`` outputs,
-without sample weights or regularisation losses. Anything else raises a
-``ValueError`` naming the layer.
+What is supported:
+
+* the selected variables (``variables=``) must belong to layers of the table
+  (Dense, EinsumDense, every convolution, Embedding, the normalisations);
+  their layers must not mix examples (no BatchNormalization in training mode);
+* the Hessian (not the Gauss-Newton matrix) has second-derivative terms at
+  every non-linear node between those layers and the loss, and tfcurv has them
+  for elementwise activations only: every layer downstream of a selected one
+  must be linear in its input (a table layer, pooling, reshaping, merging) or
+  elementwise, and the model Sequential or Functional; a shared layer must not
+  be called on its own output. Layers upstream of every selected variable may
+  be anything: leave their variables out;
+* losses: softmax cross-entropy and sigmoid binary cross-entropy from logits,
+  mean squared error, on ``(N, C)`` outputs, without sample weights or
+  regularisation losses.
+
+Anything else raises a ``ValueError`` naming the layer.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import keras
 import tensorflow as tf
 
+from tfcurv import _keras
+from tfcurv.curvature import layer_blocks
 from tfcurv.curvature import losses as losses_lib
 from tfcurv.curvature import vectors as vec
 from tfcurv.curvature.exact_moments import exact_second_derivatives
+from tfcurv.curvature.layer_capture import capture_layers
 
-L = keras.layers
-_PARAMETERISED = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.BatchNormalization)
-_ELEMENTWISE_LAYERS = (L.ReLU, L.LeakyReLU, L.ELU)
-_ELEMENTWISE_FUNCTIONS = {
-    "relu", "tanh", "sigmoid", "softplus", "gelu", "elu", "selu", "silu", "swish",
-    "leaky_relu", "relu6", "softsign", "exponential", "mish", "hard_sigmoid",
-    "hard_silu", "hard_swish", "log_sigmoid", "linear",
-}  # fmt: skip
-_LINEAR = (
-    L.InputLayer, L.Flatten, L.Reshape, L.Add, L.Subtract, L.Average, L.Concatenate,
-    L.Dropout, L.Identity, L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D,
-    L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.ZeroPadding1D, L.ZeroPadding2D,
+#: Functional-graph operations (not layers) that are linear in their inputs.
+_LINEAR_OPERATIONS = frozenset(
+    {
+        "Add", "Subtract", "Negative", "Reshape", "Transpose", "ExpandDims",
+        "Squeeze", "Concatenate", "GetItem", "Flatten", "Mean", "Sum",
+    }
 )  # fmt: skip
-
-
-def _activation_name(function) -> str:
-    return getattr(function, "__name__", type(function).__name__)
 
 
 def _unsupported(layer, why: str) -> ValueError:
@@ -67,74 +72,35 @@ def _unsupported(layer, why: str) -> ValueError:
     )
 
 
-def _check_layer(layer, training: bool) -> None:
-    if isinstance(layer, L.BatchNormalization):
-        if training:
-            raise _unsupported(
-                layer, "BatchNormalization only in inference mode (training=False)"
-            )
-        if layer.axis not in (-1, len(layer.input.shape) - 1):
-            raise _unsupported(layer, "only axis=-1")
-        return
-    if isinstance(layer, (L.Conv1D, L.Conv2D)):
-        if type(layer) not in (L.Conv1D, L.Conv2D):
-            raise _unsupported(layer, "only plain Conv1D / Conv2D")
-        if (
-            layer.groups != 1
-            or layer.data_format != "channels_last"
-            or layer.padding == "causal"
-        ):
-            raise _unsupported(
-                layer, "needs groups=1, channels_last, padding 'valid' or 'same'"
-            )
-    if isinstance(layer, L.DepthwiseConv2D):
-        if type(layer) is not L.DepthwiseConv2D or layer.data_format != "channels_last":
-            raise _unsupported(layer, "only plain DepthwiseConv2D, channels_last")
-    if isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv2D)):
-        name = _activation_name(layer.activation)
-        if name not in _ELEMENTWISE_FUNCTIONS:
-            raise _unsupported(layer, f"activation {name!r} is not elementwise")
-        return
-    if isinstance(layer, L.Activation):
-        name = _activation_name(layer.activation)
-        if name not in _ELEMENTWISE_FUNCTIONS:
-            raise _unsupported(layer, f"activation {name!r} is not elementwise")
-        return
-    if isinstance(layer, _ELEMENTWISE_LAYERS + _LINEAR):
-        return
-    raise _unsupported(layer, "no curvature-propagation rule for this layer type")
-
-
-def _is_functional(model) -> bool:
-    """A model built from its graph (``keras.Model(inputs, outputs)``), ``call`` not overridden."""
-    functional = [c for c in type(model).__mro__ if c.__name__ == "Functional"]
-    return bool(functional) and type(model).call is functional[0].call
-
-
-def leaf_layers(model: keras.Model, training: bool) -> list:
-    """The model's layers (nested models expanded), each checked to be supported."""
+def _is_graph_model(model) -> bool:
+    """Sequential, or built from its graph (``keras.Model(inputs, outputs)``)."""
     if isinstance(model, keras.Sequential):
-        operations = model.layers
-    elif _is_functional(model):
-        operations = model.operations  # a Functional model: its whole graph
-    else:
-        raise ValueError(
-            "curvature_propagation needs a Sequential or Functional model (a "
-            f"subclassed model's call() cannot be checked); got {type(model).__name__}"
-        )
+        return True
+    functional = _keras.Functional
+    return isinstance(model, functional) and type(model).call is functional.call
+
+
+def _leaf_layers(model) -> list:
+    """The layers of a Sequential/Functional model, nested ones expanded."""
     leaves = []
-    for operation in operations:
-        if isinstance(operation, keras.Model):
-            leaves.extend(leaf_layers(operation, training))
-            continue
-        if not isinstance(operation, L.Layer):
-            raise ValueError(
-                f"curvature_propagation does not support operation "
-                f"{getattr(operation, 'name', operation)!r} ({type(operation).__name__})"
-            )
-        _check_layer(operation, training)
-        leaves.append(operation)
+    for layer in model.layers:
+        leaves += _leaf_layers(layer) if _is_graph_model(layer) else [layer]
     return leaves
+
+
+def _owning_layer(model, variable):
+    """The outermost layer (not a Sequential or Functional model) whose
+    weights include ``variable``: the one the user wrote (a GRU, not its cell)."""
+    for layer in _keras.flatten_layers(model):
+        if not _is_graph_model(layer) and any(w is variable for w in layer.weights):
+            return layer
+    return None
+
+
+def _in_graph(record, graph) -> bool:
+    return all(
+        getattr(t, "graph", graph) is graph for t in tf.nest.flatten(record.inputs)
+    )
 
 
 def _elementwise_derivatives(function, s):
@@ -150,58 +116,26 @@ def _elementwise_derivatives(function, s):
     )
 
 
-class _Recorder:
-    """Patches each leaf layer's ``call`` to record what CP needs (undone on exit)."""
-
-    def __init__(self, layers, tape: tf.GradientTape):
-        self.layers, self.tape = layers, tape
-        self.parameterised = []  # (layer, input, probe)
-        self.activations = []  # (function, s, a)
-
-    def _activation_node(self, function, s):
-        a = function(s)
-        if _activation_name(function) != "linear":
-            self.activations.append((function, s, a))
-        return a
-
-    def _wrap(self, layer, original):
-        def parameterised_call(inputs, *args, **kwargs):
-            activation = getattr(layer, "activation", None)
-            if activation is not None:
-                layer.activation = keras.activations.linear
-            try:
-                pre = original(inputs, *args, **kwargs)
-            finally:
-                if activation is not None:
-                    layer.activation = activation
-            probe = tf.zeros_like(pre)
-            self.tape.watch(probe)
-            pre = pre + probe
-            self.parameterised.append((layer, inputs, probe))
-            return pre if activation is None else self._activation_node(activation, pre)
-
-        def elementwise_call(inputs, *args, **kwargs):
-            return self._activation_node(lambda s: original(s, *args, **kwargs), inputs)
-
-        if isinstance(layer, _PARAMETERISED):
-            return parameterised_call
-        if isinstance(layer, (L.Activation, *_ELEMENTWISE_LAYERS)):
-            return elementwise_call
-        return None
-
-    @contextlib.contextmanager
-    def recording(self):
-        patched = []
-        try:
-            for layer in self.layers:
-                wrapper = self._wrap(layer, layer.call)
-                if wrapper is not None:
-                    layer.call = wrapper
-                    patched.append(layer)
-            yield self
-        finally:
-            for layer in patched:
-                del layer.call
+def _activation_nodes(records):
+    """``(function, s, a)`` of every elementwise non-linearity of the pass."""
+    nodes = []
+    for record in records:
+        if record.activation is not None:
+            name = layer_blocks.activation_name(record.activation)
+            if name != "linear":
+                nodes.append((record.activation, record.outputs, record.activated))
+            continue
+        block = layer_blocks.block_for(record.layer)
+        if isinstance(block, layer_blocks.ElementwiseBlock) and block.elementwise:
+            function = getattr(record.layer, "activation", None)
+            if function is not None and layer_blocks.activation_name(function) == "linear":
+                continue
+            layer = record.layer
+            nodes.append(
+                (lambda s, layer=layer: type(layer).call(layer, s), record.inputs,
+                 record.outputs)
+            )  # fmt: skip
+    return nodes
 
 
 def _output_factor(kind: losses_lib.LossKind, z, v):
@@ -217,56 +151,6 @@ def _output_factor(kind: losses_lib.LossKind, z, v):
     return tf.sqrt(2 / classes) * v  # squared error, mean over the last axis
 
 
-def _patches(layer, inputs):
-    """The convolution's input windows, ``(N, *output_positions, kh * kw * C_in)``."""
-    images = inputs[:, None] if isinstance(layer, L.Conv1D) else inputs
-    kernel_size = (1,) * (len(layer.kernel_size) == 1) + tuple(layer.kernel_size)
-    strides = (1,) * (len(layer.strides) == 1) + tuple(layer.strides)
-    rates = (1,) * (len(layer.dilation_rate) == 1) + tuple(layer.dilation_rate)
-    return tf.image.extract_patches(
-        images,
-        sizes=[1, *kernel_size, 1],
-        strides=[1, *strides, 1],
-        rates=[1, *rates, 1],
-        padding=layer.padding.upper(),
-    )
-
-
-def _per_example_weight_gradients(layer, inputs, cotangent):
-    """``{variable id: (N, *variable.shape)}``: each example's weight gradient."""
-    if isinstance(layer, L.BatchNormalization):
-        normalised = (inputs - layer.moving_mean) * tf.math.rsqrt(
-            layer.moving_variance + layer.epsilon
-        )
-        axes = list(range(1, len(inputs.shape) - 1))
-        result = {}
-        if layer.scale:
-            result[id(layer.gamma)] = tf.reduce_sum(normalised * cotangent, axis=axes)
-        if layer.center:
-            result[id(layer.beta)] = tf.reduce_sum(cotangent, axis=axes)
-        return result
-    count = tf.shape(inputs)[0]
-    flat_out = tf.reshape(cotangent, [count, -1, cotangent.shape[-1]])
-    if isinstance(layer, L.Dense):
-        flat_in = tf.reshape(inputs, [count, -1, inputs.shape[-1]])
-        kernel = tf.einsum("npi,npo->nio", flat_in, flat_out)
-    elif isinstance(layer, L.DepthwiseConv2D):
-        # Output channel c * M + m comes from input channel c and kernel[..., c, m].
-        channels, multiplier = layer.kernel.shape[-2:]
-        positions = tf.shape(flat_out)[1]
-        window = tf.reshape(_patches(layer, inputs), [count, positions, -1, channels])
-        by_channel = tf.reshape(flat_out, [count, -1, channels, multiplier])
-        kernel = tf.einsum("npkc,npcm->nkcm", window, by_channel)
-    else:  # Conv1D / Conv2D: weight gradient = patches^T cotangent, per example
-        patches = _patches(layer, inputs)
-        flat_in = tf.reshape(patches, [count, -1, patches.shape[-1]])
-        kernel = tf.einsum("npi,npo->nio", flat_in, flat_out)
-    result = {id(layer.kernel): tf.reshape(kernel, [-1, *layer.kernel.shape])}
-    if layer.use_bias:
-        result[id(layer.bias)] = tf.reduce_sum(flat_out, axis=1)
-    return result
-
-
 class CurvaturePropagation:
     """CP diagonal estimates of the Hessian (or GGN) of ``loss`` for ``variables``.
 
@@ -277,18 +161,147 @@ class CurvaturePropagation:
     """
 
     def __init__(self, model, loss, variables, gauss_newton=False, training=False):
-        self.model, self.variables = model, list(variables)
+        self.model = model
+        self.variables = list({id(v): v for v in variables}.values())
         self.loss = loss
         self.kind = losses_lib.loss_kind(loss)
         self.gauss_newton, self.training = gauss_newton, training
-        self.layers = leaf_layers(model, training)
+        self.layers = _keras.flatten_layers(model)[1:]
+        self.blocks = self._selected_blocks()
+        # The layers whose calls make up the model's computation: those of
+        # Sequential/Functional models, down to the first layer with a body of
+        # its own (a GRU, not its cell). A subclassed model's own body is not
+        # known: all its layers are checked, for mixing examples only.
+        self.leaves = _leaf_layers(model) if _is_graph_model(model) else self.layers
+        self.captured = list(
+            {id(layer): layer for layer in self.leaves + [b.layer for b in self.blocks]}
+            .values()
+        )
+        if not gauss_newton and not _is_graph_model(model):
+            raise ValueError(
+                "curvature_propagation of a Hessian needs a Sequential or Functional "
+                "model (the second derivatives of a subclassed model's call() cannot "
+                f"be checked); got {type(model).__name__}. GaussNewton works."
+            )
+        if not gauss_newton:
+            self._check_graph_operations(model)
         self.dtype = tf.as_dtype(self.variables[0].dtype)
         self._compiled = tf.function(self._samples)
 
-    def _forward(self, x, y, tape):
-        recorder = _Recorder(self.layers, tape)
+    def _selected_blocks(self) -> list:
+        """The table blocks owning the selected variables, each once."""
+        owners = {}
+        for layer in self.layers:
+            block = layer_blocks.block_for(layer)
+            for variable in block.variables if block is not None else []:
+                owners[id(variable)] = block
+        blocks = {}
+        for variable in self.variables:
+            block = owners.get(id(variable))
+            if block is None:
+                layer = _owning_layer(self.model, variable)
+                what = (
+                    f"layer {layer.name!r} ({type(layer).__name__})"
+                    if layer is not None else "no layer"
+                )  # fmt: skip
+                raise ValueError(
+                    f"curvature_propagation has no rule for {what}, which owns "
+                    f"the selected variable {variable.path!r}. Leave its variables "
+                    "out with `variables=`; they are then constants."
+                )
+            if self.training and isinstance(block, layer_blocks.BatchNormBlock):
+                raise _unsupported(
+                    block.layer,
+                    "BatchNormalization only in inference mode (training=False): "
+                    "in training mode it mixes the examples of a batch",
+                )
+            blocks[id(block.layer)] = block
+        return list(blocks.values())
+
+    def _check_graph_operations(self, model) -> None:
+        for inner in [model] + [m for m in self.layers if isinstance(m, keras.Model)]:
+            if isinstance(inner, keras.Sequential) or not _is_graph_model(inner):
+                continue
+            for operation in inner.operations:
+                if isinstance(operation, keras.layers.Layer):
+                    continue
+                if type(operation).__name__ not in _LINEAR_OPERATIONS:
+                    raise ValueError(
+                        "curvature_propagation does not support operation "
+                        f"{getattr(operation, 'name', operation)!r} "
+                        f"({type(operation).__name__}) in a Hessian: wrap it in a layer "
+                        "of the table or use GaussNewton"
+                    )
+
+    def _check_reuse(self, tape, by_block) -> None:
+        """Refuse (Hessian) a shared layer called on its own output, directly or
+        not: ``s_2 = W f(W x)`` has a second derivative in ``W`` between the
+        calls, which the per-call gradients of CP do not carry."""
+        for block, calls in zip(self.blocks, by_block):
+            outputs = [r.outputs for r in calls]
+            for record in calls[1:]:
+                inputs = [
+                    t for t in tf.nest.flatten(record.inputs)
+                    if isinstance(t, tf.Tensor) and t.dtype.is_floating
+                ]  # fmt: skip
+                if not inputs:
+                    continue
+                with tape:
+                    total = tf.add_n([tf.reduce_sum(t) for t in inputs])
+                if any(g is not None for g in tape.gradient(total, outputs)):
+                    raise _unsupported(
+                        block.layer,
+                        "a shared layer called on its own output: the Hessian then "
+                        "has a second-derivative term between its calls that CP does "
+                        "not have. Use GaussNewton, or leave its variables out",
+                    )
+
+    def _check_downstream(self, tape, records, sources) -> None:
+        """Refuse a layer between a selected layer and the loss whose second
+        derivatives CP does not have (Hessian) or that mixes examples (both)."""
+        leaves = {id(layer) for layer in self.leaves}
+        for record in records:
+            layer = record.layer
+            if id(layer) not in leaves:
+                continue
+            block = layer_blocks.block_for(layer)
+            mixes = self.training and isinstance(block, layer_blocks.BatchNormBlock)
+            exact = block is not None and (block.linear_in_input or block.elementwise)
+            if record.activation is not None:
+                exact = exact and (
+                    layer_blocks.activation_name(record.activation)
+                    in layer_blocks.ELEMENTWISE_ACTIVATIONS
+                )
+            if not mixes and (exact or self.gauss_newton):
+                continue
+            inputs = [
+                t for t in tf.nest.flatten(record.inputs)
+                if isinstance(t, tf.Tensor) and t.dtype.is_floating
+            ]  # fmt: skip
+            if not inputs:
+                continue
+            with tape:
+                total = tf.add_n([tf.reduce_sum(t) for t in inputs])
+            reached = tape.gradient(total, sources)
+            if all(g is None for g in reached):
+                continue  # upstream of every selected layer: a constant there
+            if mixes:
+                raise _unsupported(
+                    layer,
+                    "BatchNormalization only in inference mode (training=False): "
+                    "in training mode it mixes the examples of a batch",
+                )
+            raise _unsupported(
+                layer,
+                "it lies between a selected layer and the loss, and CP has no "
+                "second-derivative rule for it (only elementwise activations and "
+                "layers linear in their input). Select only variables after it, or "
+                "use GaussNewton",
+            )
+
+    def _forward(self, x, y):
         with exact_second_derivatives(), keras.StatelessScope(collect_losses=True):
-            with recorder.recording():
+            with capture_layers(self.captured) as records:
                 z = self.model(x, training=self.training)
             if self.model.losses:
                 raise ValueError(
@@ -301,22 +314,41 @@ class CurvaturePropagation:
                 )
             count = tf.cast(tf.shape(z)[0], z.dtype)
             summed_loss = count * self.loss(y, z)
-        return recorder, z, summed_loss, count
+        return records, z, summed_loss, count
 
     def _samples(self, x, y, seed, num_samples: int):
         with tf.GradientTape(persistent=True) as tape:
-            recorder, z, summed_loss, count = self._forward(x, y, tape)
-        injections = []  # (s, sqrt|D|, sign(D)) for the Hessian's activation nodes
-        if not self.gauss_newton and recorder.activations:
-            outputs = [a for _, _, a in recorder.activations]
-            gradients = tape.gradient(
-                summed_loss, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            records, z, summed_loss, count = self._forward(x, y)
+        # Calls inside another layer's loop (an RNN's cell) live in the loop's
+        # graph: part of that layer's body, out of reach from here.
+        records = [r for r in records if _in_graph(r, z.graph)]
+        by_block = [
+            [r for r in records if r.layer is block.layer] for block in self.blocks
+        ]
+        missing = [b.layer.name for b, calls in zip(self.blocks, by_block) if not calls]
+        if missing:
+            raise ValueError(
+                f"curvature_propagation: layers {missing} own selected variables but "
+                "were not called in the forward pass"
             )
-            for (function, s, _), g in zip(recorder.activations, gradients):
+        sources = [r.outputs for calls in by_block for r in calls]
+        self._check_downstream(tape, records, sources)
+        if not self.gauss_newton:
+            self._check_reuse(tape, by_block)
+        injections = []  # (s, sqrt|D|, sign(D)) for the Hessian's activation nodes
+        leaves = {id(layer) for layer in self.leaves}
+        nodes = [] if self.gauss_newton else _activation_nodes(
+            [r for r in records if id(r.layer) in leaves]
+        )  # fmt: skip
+        if nodes:
+            gradients = tape.gradient(
+                summed_loss, [a for _, _, a in nodes],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )  # fmt: skip
+            for (function, s, _), g in zip(nodes, gradients):
                 _, second = _elementwise_derivatives(function, tf.stop_gradient(s))
                 d = second * tf.stop_gradient(g)
                 injections.append((s, tf.sqrt(tf.abs(d)), tf.sign(d)))
-        probes = [probe for _, _, probe in recorder.parameterised]
         wanted = {id(v) for v in self.variables}
         estimates = []
         for sample in range(num_samples):
@@ -332,27 +364,33 @@ class CurvaturePropagation:
                     u = vec.rademacher(tf.shape(s), node_seeds[index + 1], s.dtype)
                     gamma_objective += tf.reduce_sum(root * u * s)
                     delta_objective += tf.reduce_sum(sign * root * u * s)
-            gammas = tape.gradient(gamma_objective, probes)
+            zero = tf.UnconnectedGradients.ZERO
+            gammas = tape.gradient(gamma_objective, sources, unconnected_gradients=zero)
             deltas = (
-                gammas if not injections else tape.gradient(delta_objective, probes)
-            )
-            diagonal = {}
-            for (layer, inputs, _), gamma, delta in zip(
-                recorder.parameterised, gammas, deltas
-            ):
-                inputs = tf.stop_gradient(inputs)
-                by_gamma = _per_example_weight_gradients(layer, inputs, gamma)
-                by_delta = _per_example_weight_gradients(layer, inputs, delta)
-                for key in by_gamma.keys() & wanted:
-                    diagonal[key] = (
-                        tf.reduce_sum(by_gamma[key] * by_delta[key], axis=0) / count
-                    )
-            missing = [v.path for v in self.variables if id(v) not in diagonal]
-            if missing:
-                raise ValueError(
-                    f"curvature_propagation has no estimate for variables {missing} "
-                    "(not used by a supported layer in the forward pass)"
-                )
+                gammas if not injections
+                else tape.gradient(delta_objective, sources, unconnected_gradients=zero)
+            )  # fmt: skip
+            diagonal, position = {}, 0
+            for block, calls in zip(self.blocks, by_block):
+                by_gamma = by_delta = None
+                for record in calls:
+                    x_in = tf.stop_gradient(record.inputs)
+                    gamma, delta = gammas[position], deltas[position]
+                    position += 1
+                    g_part = block.per_example_gradients(x_in, gamma)
+                    d_part = (
+                        g_part if delta is gamma
+                        else block.per_example_gradients(x_in, delta)
+                    )  # fmt: skip
+                    by_gamma = g_part if by_gamma is None else [
+                        a + b for a, b in zip(by_gamma, g_part)
+                    ]  # fmt: skip
+                    by_delta = d_part if by_delta is None else [
+                        a + b for a, b in zip(by_delta, d_part)
+                    ]  # fmt: skip
+                for variable, a, b in zip(block.variables, by_gamma, by_delta):
+                    if id(variable) in wanted:
+                        diagonal[id(variable)] = tf.reduce_sum(a * b, axis=0) / count
             estimates.append(vec.flatten([diagonal[id(v)] for v in self.variables]))
         return tf.stack(estimates)
 
