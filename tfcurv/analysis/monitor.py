@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from tfcurv._checks import check_choice, check_integer
 from tfcurv.analysis.spectra import compiled_loss
 from tfcurv.curvature.layers import layers_with_weights
 from tfcurv.curvature.operators import Hessian
@@ -79,18 +79,9 @@ class CurvatureMonitor(keras.callbacks.Callback):
             ("top_n", top_n),
             ("trace_samples", trace_samples),
         ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, np.integer))
-                or value < 1
-            ):
-                raise ValueError(
-                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
-                )
-        if trace is not None and trace not in _TRACE_METHODS:
-            raise ValueError(
-                f"`trace` must be one of {_TRACE_METHODS} or None. Received: trace={trace!r}"
-            )
+            check_integer(name, value)
+        if trace is not None:
+            check_choice("trace", trace, tuple(_TRACE_METHODS))
         self.data = data
         self.every = int(every)
         self.top_n = int(top_n)

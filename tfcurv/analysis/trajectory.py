@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from tfcurv._checks import check_integer
 from tfcurv.curvature.layers import select_variables
 
 _META_FILE = "trajectory.json"
@@ -142,22 +143,9 @@ class WeightTrajectory(keras.callbacks.Callback):
         overwrite: bool = False,
     ):
         super().__init__()
-        if (
-            isinstance(every, bool)
-            or not isinstance(every, (int, np.integer))
-            or every < 1
-        ):
-            raise ValueError(
-                f"`every` must be a positive integer. Received: every={every!r}"
-            )
-        if max_bytes is not None and (
-            isinstance(max_bytes, bool)
-            or not isinstance(max_bytes, (int, np.integer))
-            or max_bytes < 1
-        ):
-            raise ValueError(
-                f"`max_bytes` must be a positive integer or None. Received: max_bytes={max_bytes!r}"
-            )
+        check_integer("every", every)
+        if max_bytes is not None:
+            check_integer("max_bytes", max_bytes)
         self.directory = pathlib.Path(directory)
         self.every = int(every)
         self.max_bytes = None if max_bytes is None else int(max_bytes)

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from tfcurv._checks import check_range
 from tfcurv.curvature import lanczos as lanczos_lib
 from tfcurv.curvature import vectors as vec
 
@@ -40,8 +41,7 @@ class SpectralDensity:
         low, high = float(np.min(self.nodes)), float(np.max(self.nodes))
         if sigma is None:
             sigma = max(0.01 * (high - low), 1e-12 + 1e-3 * max(abs(low), abs(high)))
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        check_range("sigma", sigma, 0.0, low_inclusive=False)
         if grid is None:
             grid = np.linspace(low - 5 * sigma, high + 5 * sigma, num_points)
         grid = np.asarray(grid, dtype=np.float64)

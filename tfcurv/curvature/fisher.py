@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfcurv._checks import check_choice, check_integer
 from tfcurv.curvature import losses as losses_lib
 from tfcurv.curvature import products
 from tfcurv.curvature.operators import OutputSpaceOperator
@@ -81,10 +82,8 @@ class Fisher(OutputSpaceOperator):
     """
 
     def __init__(self, *args, kind: str = "empirical", seed: int = 0, **kwargs):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_choice("kind", kind, tuple(KINDS))
+        check_integer("seed", seed, low=0)
         super().__init__(*args, **kwargs)
         self.kind, self.sampling_seed = kind, seed
         reduction = getattr(self.loss, "reduction", None)

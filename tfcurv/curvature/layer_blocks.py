@@ -186,7 +186,11 @@ class Block:
 
     def __init__(self, layer: keras.layers.Layer):
         self.layer = layer
-        self.variables = [v for v in self._owned() if v is not None and v.trainable]
+
+    @property
+    def variables(self) -> list:
+        """The trainable variables the layer owns (the layer must be built)."""
+        return [v for v in self._owned() if v is not None and v.trainable]
 
     def _owned(self) -> list:
         return []
@@ -614,12 +618,16 @@ class EinsumDenseBlock(_KernelBias):
         count = tf.cast(tf.size(x), dtype) / tf.cast(tf.size(xs), dtype)
         return [tf.reshape(xs, (-1,)), tf.reshape(gs, (-1,)), count]
 
-    def normalized_factors(self, sums):
+    def raw_factors(self, sums):
+        """``(h, s)`` before normalisation: mean squares over the rows (with
+        the bias entry), contracted and output axes flattened in kernel order."""
         x_squares, g_squares, rows = sums
+        return _append_entry(x_squares, rows, self._has_bias) / rows, g_squares / rows
+
+    def normalized_factors(self, sums):
         _, kernel, _, contracted, outs, _ = self._parse()
-        h = _normalize(_append_entry(x_squares, rows, self._has_bias) / rows)
-        s = _normalize(g_squares / rows)
-        size = x_squares.shape[0]
+        h, s = (_normalize(f) for f in self.raw_factors(sums))
+        size = sums[0].shape[0]
         shape = dict(zip(kernel, self.layer.kernel.shape))
         h_full = tf.reshape(h[:size], [shape[c] for c in contracted])
         s_full = tf.reshape(s, [shape[c] for c in outs])

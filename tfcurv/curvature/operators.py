@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfcurv._checks import check_bool, check_choice, check_integer, check_range
 from tfcurv.curvature import data as data_lib
 from tfcurv.curvature import density as density_lib
 from tfcurv.curvature import diagonal as diagonal_lib
@@ -40,16 +41,6 @@ from tfcurv.curvature.layers import select_variables
 from tfcurv.curvature.second_derivatives import check_second_derivatives
 
 DEFAULT_MAX_DENSE_SIZE = 5000
-# Vectors per compiled call. Several vectors could share one forward pass, but
-# tracing k unrolled products costs about k times one trace (12 s for k = 16 on a
-# small CNN) while running them saves little, so products go one at a time.
-_VECTORS_PER_CALL = 1
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class CurvatureOperator:
@@ -84,10 +75,8 @@ class CurvatureOperator:
         max_dense_size: int = DEFAULT_MAX_DENSE_SIZE,
         progress: bool | None = None,
     ):
-        if not isinstance(training, bool):
-            raise ValueError(f"training must be True or False, got {training!r}")
-        if mode not in products.MODES:
-            raise ValueError(f"mode must be one of {products.MODES}, got {mode!r}")
+        check_bool("training", training)
+        check_choice("mode", mode, tuple(products.MODES))
         self.model = model
         self.data = data_lib.Data(data, progress)
         self.training = training
@@ -98,7 +87,7 @@ class CurvatureOperator:
         self.dtype = tf.as_dtype(self.variables[0].dtype)
         self.loss = losses_lib.resolve(loss, self.dtype.name)
         self.size = sum(vec.sizes(self.shapes))
-        self.max_dense_size = _check_positive_int(max_dense_size, "max_dense_size")
+        self.max_dense_size = check_integer("max_dense_size", max_dense_size)
         self._compiled_products = tf.function(self._batch_products)
 
     # -- the model's loss, without changing the model ---------------------------------
@@ -146,9 +135,12 @@ class CurvatureOperator:
     def _matmat(self, flat_vectors: tf.Tensor) -> tf.Tensor:
         """Products with the rows of ``flat_vectors`` (k, P), over all of ``data``."""
         flat_vectors = tf.cast(flat_vectors, self.dtype)
+        # One vector per compiled call: several could share a forward pass, but
+        # tracing k unrolled products costs about k times one trace (12 s for
+        # k = 16 on a small CNN) while running them saves little.
         chunks = []
-        for start in range(0, int(flat_vectors.shape[0]), _VECTORS_PER_CALL):
-            chunk = flat_vectors[start : start + _VECTORS_PER_CALL]
+        for start in range(int(flat_vectors.shape[0])):
+            chunk = flat_vectors[start : start + 1]
             chunks.append(
                 self.data.weighted_mean(
                     lambda index, batch, chunk=chunk: self._compiled_products(
@@ -183,7 +175,7 @@ class CurvatureOperator:
         limit = (
             self.max_dense_size
             if max_size is None
-            else _check_positive_int(max_size, "max_size")
+            else check_integer("max_size", max_size)
         )
         if self.size > limit:
             raise ValueError(
@@ -229,27 +221,27 @@ class CurvatureOperator:
         magnitude. ``max_iter`` bounds the products (Lanczos, default
         ``min(P, 300)``) or the iterations per pair (power, default 1000).
         """
-        top_n = _check_positive_int(top_n, "top_n")
+        top_n = check_integer("top_n", top_n)
         if top_n > self.size:
             raise ValueError(
-                f"top_n must be at most the parameter count {self.size}, got {top_n}"
+                f"Argument `top_n` must be at most the parameter count {self.size}. "
+                f"Received: top_n={top_n}"
             )
-        if not tol > 0:
-            raise ValueError(f"tol must be > 0, got {tol!r}")
+        check_range("tol", tol, 0.0, low_inclusive=False)
         if method == "lanczos":
             max_iter = (
                 min(self.size, 300)
                 if max_iter is None
-                else _check_positive_int(max_iter, "max_iter")
+                else check_integer("max_iter", max_iter)
             )
             solver = lanczos_lib.top_eigenpairs
         elif method == "power":
             max_iter = (
-                1000 if max_iter is None else _check_positive_int(max_iter, "max_iter")
+                1000 if max_iter is None else check_integer("max_iter", max_iter)
             )
             solver = lanczos_lib.power_iteration
         else:
-            raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+            check_choice("method", method, ("lanczos", "power"))
         values, vectors, self.last_num_products = solver(
             self._matvec, self.size, self.dtype, top_n, tol, max(max_iter, top_n), seed
         )
@@ -263,7 +255,7 @@ class CurvatureOperator:
         self, method: str = "hutchinson", num_samples: int = 100, seed: int = 0
     ) -> float:
         """The trace: ``"hutchinson"``, ``"hutch++"`` (``num_samples`` products each) or ``"exact"``."""
-        num_samples = _check_positive_int(num_samples, "num_samples")
+        num_samples = check_integer("num_samples", num_samples)
         if method == "hutchinson":
             return trace_lib.hutchinson(
                 self._matmat, self.size, self.dtype, num_samples, seed
@@ -289,7 +281,7 @@ class CurvatureOperator:
         & Swersky (2012), ``num_samples`` samples, see
         :mod:`tfcurv.curvature.propagation`.
         """
-        num_samples = _check_positive_int(num_samples, "num_samples")
+        num_samples = check_integer("num_samples", num_samples)
         if method == "exact":
             self._check_dense_size("diagonal('exact')", None)
             return diagonal_lib.exact(self._matmat, self.size, self.dtype).numpy()
@@ -335,8 +327,8 @@ class CurvatureOperator:
         self, num_iter: int = 100, num_runs: int = 1, seed: int = 0
     ) -> density_lib.SpectralDensity:
         """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_iter`` products."""
-        num_iter = _check_positive_int(num_iter, "num_iter")
-        num_runs = _check_positive_int(num_runs, "num_runs")
+        num_iter = check_integer("num_iter", num_iter)
+        num_runs = check_integer("num_runs", num_runs)
         return density_lib.stochastic_lanczos_quadrature(
             self._matvec, self.size, self.dtype, num_iter, num_runs, seed
         )

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from tfcurv._checks import check_choice
+
 
 def _primals(variables) -> list:
     """The ``tf.Variable`` s behind Keras variables.
@@ -116,7 +118,8 @@ def hessian_vector_products(
                 ]
             )
         return products
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, tuple(MODES))
+    raise AssertionError("unreachable")
 
 
 def _output_hessian_products(loss_of_outputs, outputs, directions):

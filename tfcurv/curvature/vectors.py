@@ -30,10 +30,6 @@ def unflatten(flat: tf.Tensor, shapes: Sequence[tf.TensorShape]) -> ParameterVec
     return [tf.reshape(p, s) for p, s in zip(pieces, shapes)]
 
 
-def dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor]) -> tf.Tensor:
-    return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
-
-
 def seed_pair(seed: int, index: int = 0) -> tf.Tensor:
     """A stateless-RNG seed for probe number ``index`` of a run seeded ``seed``."""
     return tf.constant([int(seed), int(index)], dtype=tf.int64)

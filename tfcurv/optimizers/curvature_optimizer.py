@@ -104,11 +104,6 @@ class CurvatureOptimizer(keras.optimizers.Optimizer):
     #: capture (empty: none).
     statistics_layer_types: tuple[type[keras.layers.Layer], ...] = ()
 
-    @property
-    def needs_layer_statistics(self) -> bool:
-        """Whether the train step must capture layer inputs and output gradients."""
-        return bool(self.statistics_layer_types)
-
     def compute_curvature(
         self, context: CurvatureContext
     ) -> tuple[list[tf.Tensor], list[Reduction]]:
