@@ -101,3 +101,29 @@ def test_optimizer_hooks_still_mean_the_same():
     # canary: no public per-variable index or decay query yet
     assert not hasattr(keras.optimizers.Optimizer, "get_variable_index")
     assert not hasattr(keras.optimizers.Optimizer, "use_weight_decay")
+
+
+def test_keras_still_has_the_multi_worker_defects_tfcurv_works_around():
+    """Canaries of ``_keras.install_multi_worker_fixes`` and
+    ``_keras.multi_worker_logs`` (keras-team/keras#20585): Keras' own ``fit``
+    under MultiWorkerMirroredStrategy still averages the first batch across
+    workers before the first step, and still reduces scalar logs with
+    ``axis=0``. When either fails, Keras has changed: check whether tfcurv's
+    fix can go (``tests/training/test_multi_worker.py`` runs plain Keras SGD
+    through it)."""
+    import inspect
+
+    from keras.src.backend.tensorflow import trainer
+
+    build = inspect.getsource(trainer.TensorFlowTrainer._maybe_symbolic_build)
+    assert "distribute_strategy.reduce(" in build
+    reduce = inspect.getsource(trainer.reduce_per_replica)
+    assert 'strategy.reduce("MEAN", v, axis=0)' in reduce
+
+
+def test_multi_worker_logs_only_reshape_under_several_workers():
+    import tensorflow as tf
+
+    logs = {"loss": tf.constant(1.5)}
+    assert keras_internals.multi_worker_logs(logs) is logs
+    assert not keras_internals.is_multi_worker(tf.distribute.get_strategy())

@@ -21,7 +21,11 @@ Keras makes one public or changes it.
 
 from __future__ import annotations
 
+import types
+
 import keras
+import tensorflow as tf
+from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
@@ -38,6 +42,9 @@ __all__ = [
     "compute_loss",
     "functional_init_arguments",
     "flatten_layers",
+    "install_multi_worker_fixes",
+    "is_multi_worker",
+    "multi_worker_logs",
     "optimizer_variables",
     "update_loss_tracker",
     "uses_weight_decay",
@@ -89,3 +96,66 @@ def variable_index(optimizer: keras.optimizers.Optimizer, variable) -> int:
 def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable) -> bool:
     """Whether ``variable`` is decayed (not excluded with ``exclude_from_weight_decay``)."""
     return optimizer._use_weight_decay(variable)
+
+
+# --------------------------------------------------- MultiWorkerMirroredStrategy
+def is_multi_worker(strategy) -> bool:
+    """Whether ``strategy`` is a MultiWorkerMirroredStrategy over several workers."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return len(spec.get("worker", [])) + len(spec.get("chief", [])) > 1
+
+
+def _local_batch(strategy, batch):
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    return tf.nest.map_structure(local, batch)
+
+
+def _symbolic_build_from_local_batch(self, iterator=None, data_batch=None):
+    """Keras' ``TensorFlowTrainer._maybe_symbolic_build`` without its defect
+    under MultiWorkerMirroredStrategy (keras-team/keras#20585): Keras averages
+    the first batch across workers (``strategy.reduce``, which fails on the
+    per-replica batch before the first step); only its shapes are needed, so the
+    local values serve. Elsewhere Keras' own method runs."""
+    strategy = self.distribute_strategy
+    if self._distribute_strategy is None or not is_multi_worker(strategy):
+        return TensorFlowTrainer._maybe_symbolic_build(self, iterator, data_batch)
+    if iterator is not None:
+        for _, _, batches in iterator:
+            data_batch = _local_batch(strategy, next(batches))
+            break
+    with strategy.scope():
+        self._symbolic_build(data_batch=data_batch)
+
+
+def install_multi_worker_fixes(target) -> None:
+    """Give a model class, or one model instance, the fix of
+    :func:`_symbolic_build_from_local_batch`.
+
+    The other Keras defect under MultiWorkerMirroredStrategy, scalar logs
+    reduced with ``axis=0``, is avoided in the tfcurv train step itself
+    (:func:`multi_worker_logs`)."""
+    if isinstance(target, type):
+        target._maybe_symbolic_build = _symbolic_build_from_local_batch
+    else:
+        target._maybe_symbolic_build = types.MethodType(
+            _symbolic_build_from_local_batch, target
+        )
+
+
+def multi_worker_logs(logs):
+    """Logs shaped ``(1,)`` under MultiWorkerMirroredStrategy: Keras' train
+    function reduces them with ``strategy.reduce("MEAN", v, axis=0)``, which
+    fails on scalars; on ``(1,)`` tensors it gives the scalar mean."""
+    if not is_multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return tf.nest.map_structure(
+        lambda v: tf.reshape(v, (1,)) if isinstance(v, tf.Tensor) and v.shape.rank == 0 else v,
+        logs,
+    )

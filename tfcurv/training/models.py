@@ -41,12 +41,15 @@ class CurvatureTrainStep:
 
     def train_step(self, data):
         if needs_curvature(self):
-            return curvature_train_step(self, data)
-        return super().train_step(data)
+            return keras_internals.multi_worker_logs(curvature_train_step(self, data))
+        return keras_internals.multi_worker_logs(super().train_step(data))
 
     def make_train_function(self, force=False):
         build_curvature_optimizer(self)
         return super().make_train_function(force)
+
+
+keras_internals.install_multi_worker_fixes(CurvatureTrainStep)
 
 
 def build_curvature_optimizer(model: keras.Model) -> None:
@@ -117,8 +120,8 @@ def _make_functional(cls: type) -> type:
 
 def _attached_train_step(self, data):
     if needs_curvature(self):
-        return curvature_train_step(self, data)
-    return type(self).train_step(self, data)
+        return keras_internals.multi_worker_logs(curvature_train_step(self, data))
+    return keras_internals.multi_worker_logs(type(self).train_step(self, data))
 
 
 def _attached_make_train_function(self, force=False):
@@ -158,6 +161,7 @@ def attach(model: keras.Model) -> keras.Model:
         )
     model.train_step = types.MethodType(_attached_train_step, model)
     model.make_train_function = types.MethodType(_attached_make_train_function, model)
+    keras_internals.install_multi_worker_fixes(model)
     model.train_function = None
     return model
 

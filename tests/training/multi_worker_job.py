@@ -1,0 +1,86 @@
+"""One worker of a two-worker MultiWorkerMirroredStrategy job (or, without
+ports, the same training in one process), for ``test_multi_worker.py``.
+
+    python multi_worker_job.py OPTIMIZER OUT.npz [INDEX PORT0 PORT1] [--epochs N]
+
+Trains a small float64 model through ``tfcurv.attach`` on a fixed data set
+(global batch 16, sharded by data across the workers) and writes the final
+weights to ``OUT.npz``. Prints ``STEP`` after each step (flushed).
+"""
+
+import argparse
+import json
+import os
+
+parser = argparse.ArgumentParser()
+parser.add_argument("optimizer")
+parser.add_argument("out")
+parser.add_argument("cluster", nargs="*", type=int)
+parser.add_argument("--epochs", type=int, default=2)
+args = parser.parse_args()
+if args.cluster:
+    index, *ports = args.cluster
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfcurv
+
+keras.config.set_floatx("float64")
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "agd": lambda: tfcurv.optimizers.AGD(1e-2),
+    "sgdph": lambda: tfcurv.optimizers.SGDPH(0.05),
+    "adafisher": lambda: tfcurv.optimizers.AdaFisher(1e-3, update_freq=2),
+}
+
+
+class Steps(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        print("STEP", batch, flush=True)
+
+
+strategy = (
+    tf.distribute.MultiWorkerMirroredStrategy()
+    if args.cluster
+    else tf.distribute.get_strategy()
+)
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = tfcurv.attach(
+        keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="tanh"),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(3),
+            ]
+        )
+    )
+    model.compile(
+        optimizer=OPTIMIZERS[args.optimizer](),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 4)), rng.integers(0, 3, 64)
+data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = (
+    tf.data.experimental.AutoShardPolicy.DATA
+)
+history = model.fit(
+    data.with_options(options), epochs=args.epochs, verbose=0, callbacks=[Steps()]
+)
+np.savez(
+    args.out,
+    loss=np.array(history.history["loss"]),
+    **{f"w{i}": v.numpy() for i, v in enumerate(model.trainable_variables)},
+)
+print("DONE", flush=True)

@@ -1,0 +1,106 @@
+"""Training under MultiWorkerMirroredStrategy: two worker processes on the
+loopback address (free ports, a timeout on every process).
+
+Each case starts real worker processes (about 20 s per case on 2 cores), so
+the module is marked slow; it runs in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+JOB = pathlib.Path(__file__).with_name("multi_worker_job.py")
+TIMEOUT = 300  # seconds, per process
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(tmp_path) -> dict:
+    environment = dict(os.environ)
+    for name in ("KERAS_HOME", "TFDS_DATA_DIR", "MPLCONFIGDIR", "TMPDIR"):
+        folder = tmp_path / name.lower()
+        folder.mkdir(exist_ok=True)
+        environment[name] = str(folder)
+    environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    environment.pop("TF_CONFIG", None)
+    return environment
+
+
+def _start(arguments, tmp_path, log_name):
+    log = open(tmp_path / log_name, "w")
+    return subprocess.Popen(
+        [sys.executable, str(JOB), *map(str, arguments)],
+        stdout=log, stderr=subprocess.STDOUT, env=_environment(tmp_path),
+    ), log  # fmt: skip
+
+
+def _finish(process, log, tmp_path, log_name) -> str:
+    try:
+        process.wait(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    return (tmp_path / log_name).read_text()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "agd", "sgdph", "adafisher"])
+def test_two_workers_equal_one_process(optimizer, tmp_path):
+    ports = [_free_port(), _free_port()]
+    runs = [
+        _start([optimizer, tmp_path / f"w{i}.npz", i, *ports], tmp_path, f"w{i}.log")
+        for i in range(2)
+    ] + [_start([optimizer, tmp_path / "single.npz"], tmp_path, "single.log")]
+    logs = [
+        _finish(process, log, tmp_path, name)
+        for (process, log), name in zip(runs, ["w0.log", "w1.log", "single.log"])
+    ]
+    for text, (process, _) in zip(logs, runs):
+        assert process.returncode == 0, text[-3000:]
+    single = np.load(tmp_path / "single.npz")
+    for worker in ("w0", "w1"):
+        result = np.load(tmp_path / f"{worker}.npz")
+        for key in single.files:
+            np.testing.assert_allclose(
+                result[key], single[key], rtol=1e-12, atol=1e-14,
+                err_msg=f"{optimizer} {worker} {key}",
+            )  # fmt: skip
+
+
+def test_a_killed_worker_makes_the_other_fail_within_bounded_time(tmp_path):
+    ports = [_free_port(), _free_port()]
+    runs = [
+        _start(["agd", tmp_path / f"w{i}.npz", i, *ports, "--epochs", "100000"],
+               tmp_path, f"w{i}.log")
+        for i in range(2)
+    ]  # fmt: skip
+    survivor, victim = runs[0][0], runs[1][0]
+    deadline = time.monotonic() + TIMEOUT
+    while "STEP" not in (tmp_path / "w1.log").read_text():
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.5)
+    victim.kill()
+    killed_at = time.monotonic()
+    text = _finish(survivor, runs[0][1], tmp_path, "w0.log")
+    seconds = time.monotonic() - killed_at
+    _finish(victim, runs[1][1], tmp_path, "w1.log")
+    assert survivor.returncode != 0
+    assert "Unavailable" in text or "unavailable" in text or "Aborted" in text, text[-3000:]
+    assert seconds < 120, seconds
+    print(f"survivor failed {seconds:.1f} s after the kill")
+
