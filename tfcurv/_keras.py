@@ -47,6 +47,7 @@ __all__ = [
     "multi_worker_logs",
     "optimizer_variables",
     "update_loss_tracker",
+    "unscale_loss_for_distribution",
     "uses_weight_decay",
     "variable_index",
 ]

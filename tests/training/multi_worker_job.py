@@ -5,7 +5,8 @@ ports, the same training in one process), for ``test_multi_worker.py``.
 
 Trains a small float64 model through ``tfcurv.attach`` on a fixed data set
 (global batch 16, sharded by data across the workers) and writes the final
-weights to ``OUT.npz``. Prints ``STEP`` after each step (flushed).
+weights and the dense Hessian at them (``tfcurv.Hessian`` over the same data,
+its products spread over the workers) to ``OUT.npz``. Prints ``STEP`` after each step (flushed).
 """
 
 import argparse
@@ -78,9 +79,16 @@ options.experimental_distribute.auto_shard_policy = (
 history = model.fit(
     data.with_options(options), epochs=args.epochs, verbose=0, callbacks=[Steps()]
 )
+# Curvature at the trained weights, over the same data: under the strategy
+# every product is spread over both workers' replicas.
+hessian = tfcurv.Hessian(
+    model, keras.losses.SparseCategoricalCrossentropy(from_logits=True), data
+)
+print("HESSIAN REPLICAS", 1 if hessian.strategy is None else hessian.strategy.num_replicas_in_sync)
 np.savez(
     args.out,
     loss=np.array(history.history["loss"]),
+    hessian=hessian.dense(),
     **{f"w{i}": v.numpy() for i, v in enumerate(model.trainable_variables)},
 )
 print("DONE", flush=True)

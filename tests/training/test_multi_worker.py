@@ -61,6 +61,8 @@ def _finish(process, log, tmp_path, log_name) -> str:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "agd", "sgdph", "adafisher"])
 def test_two_workers_equal_one_process(optimizer, tmp_path):
+    """Weights after two epochs, and the Hessian at them (each product spread
+    over the two workers), equal one process on the global batch."""
     ports = [_free_port(), _free_port()]
     runs = [
         _start([optimizer, tmp_path / f"w{i}.npz", i, *ports], tmp_path, f"w{i}.log")
@@ -72,6 +74,8 @@ def test_two_workers_equal_one_process(optimizer, tmp_path):
     ]
     for text, (process, _) in zip(logs, runs):
         assert process.returncode == 0, text[-3000:]
+    assert all("HESSIAN REPLICAS 2" in text for text in logs[:2])
+    assert "HESSIAN REPLICAS 1" in logs[2]
     single = np.load(tmp_path / "single.npz")
     for worker in ("w0", "w1"):
         result = np.load(tmp_path / f"{worker}.npz")

@@ -103,7 +103,7 @@ class Fisher(OutputSpaceOperator):
         with tf.GradientTape() as tape:
             tape.watch(outputs)
             count = tf.cast(tf.shape(outputs)[0], outputs.dtype)
-            summed = count * self.loss(y, outputs)
+            summed = count * self._mean_loss(y, outputs)
         return scale * tape.gradient(summed, outputs)
 
     def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):

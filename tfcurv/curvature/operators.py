@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfcurv import _keras
 from tfcurv._checks import check_bool, check_choice, check_integer, check_range
 from tfcurv.curvature import data as data_lib
 from tfcurv.curvature import density as density_lib
@@ -62,6 +63,14 @@ class CurvatureOperator:
             accept.
         progress: show a progress bar per pass over ``data`` (default: for
             datasets of more than 20 batches).
+        strategy: a ``tf.distribute`` strategy to spread each product over:
+            every replica (on every worker) takes its contiguous share of each
+            batch and the shares are summed with one all-reduce, which gives
+            the single-device product on the same data (BatchNormalization in
+            training mode then uses per-replica batch statistics, and the
+            sampled-label Fisher draws per replica). Default: the model's
+            ``distribute_strategy`` when it has several replicas, else one
+            device.
     """
 
     def __init__(
@@ -74,8 +83,20 @@ class CurvatureOperator:
         mode: str = "reverse_over_reverse",
         max_dense_size: int = DEFAULT_MAX_DENSE_SIZE,
         progress: bool | None = None,
+        strategy: tf.distribute.Strategy | None = None,
     ):
         check_bool("training", training)
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise ValueError(
+                "Argument `strategy` must be a tf.distribute.Strategy or None. "
+                f"Received: strategy={strategy!r}"
+            )
+        strategy = strategy or getattr(model, "distribute_strategy", None)
+        self.strategy = (
+            strategy
+            if strategy is not None and strategy.num_replicas_in_sync > 1
+            else None
+        )
         check_choice("mode", mode, tuple(products.MODES))
         self.model = model
         self.data = data_lib.Data(data, progress)
@@ -109,9 +130,17 @@ class CurvatureOperator:
         regularisation = [tf.cast(term, self.dtype) for term in regularisation]
         return outputs, tf.add_n(regularisation) if regularisation else None
 
+    def _mean_loss(self, y, outputs, sample_weight=None) -> tf.Tensor:
+        """The mean loss over the batch given here. Keras divides a loss by the
+        replica count inside a replica context; that is undone, since each
+        replica's product is weighted by its share of the batch instead."""
+        return _keras.unscale_loss_for_distribution(
+            self.loss(y, outputs, sample_weight=sample_weight)
+        )
+
     def _loss(self, x, y, sample_weight) -> tf.Tensor:
         outputs, regularisation = self._outputs_and_regularisation(x)
-        value = self.loss(y, outputs, sample_weight=sample_weight)
+        value = self._mean_loss(y, outputs, sample_weight)
         return value if regularisation is None else value + regularisation
 
     # -- products ---------------------------------------------------------------------
@@ -138,17 +167,56 @@ class CurvatureOperator:
         # One vector per compiled call: several could share a forward pass, but
         # tracing k unrolled products costs about k times one trace (12 s for
         # k = 16 on a small CNN) while running them saves little.
+        products_on = (
+            self._compiled_products if self.strategy is None
+            else self._distributed_products
+        )  # fmt: skip
         chunks = []
         for start in range(int(flat_vectors.shape[0])):
             chunk = flat_vectors[start : start + 1]
             chunks.append(
                 self.data.weighted_mean(
-                    lambda index, batch, chunk=chunk: self._compiled_products(
+                    lambda index, batch, chunk=chunk: products_on(
                         *batch, chunk, vec.seed_pair(self.sampling_seed, index)
                     )
                 )
             )
         return tf.concat(chunks, axis=0)
+
+    def _distributed_products(self, x, y, sample_weight, flat_vectors, batch_seed):
+        """:meth:`_batch_products` of one batch, spread over the strategy's
+        replicas: replica ``r`` takes rows ``[r n / R, (r + 1) n / R)``, weighs
+        its mean-loss product by its share of the rows, and one all-reduce sums
+        the shares."""
+        strategy = self.strategy
+        replicas = strategy.num_replicas_in_sync
+        size = data_lib.batch_size(x)
+        if size < replicas:
+            raise ValueError(
+                f"Each batch of `data` must have at least one example per replica "
+                f"({replicas}) to spread products over `strategy`; a batch has {size}"
+            )
+        bounds = [size * r // replicas for r in range(replicas + 1)]
+
+        def share(context):
+            r = context.replica_id_in_sync_group
+            rows = slice(bounds[r], bounds[r + 1])
+            return tuple(
+                None if part is None
+                else tf.nest.map_structure(lambda t: t[rows], part)
+                for part in (x, y, sample_weight)
+            )  # fmt: skip
+
+        shares = strategy.experimental_distribute_values_from_function(share)
+
+        def on_replica(batch):
+            bx, by, bw = batch
+            rows = tf.shape(tf.nest.flatten(bx)[0])[0]
+            weight = tf.cast(rows, self.dtype) / tf.cast(size, self.dtype)
+            return self._compiled_products(bx, by, bw, flat_vectors, batch_seed) * weight
+
+        per_replica = strategy.run(on_replica, args=(shares,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def _matvec(self, flat_vector: tf.Tensor) -> tf.Tensor:
         return self._matmat(flat_vector[None])[0]
@@ -407,7 +475,7 @@ class GaussNewton(OutputSpaceOperator):
     def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):
         return products.gauss_newton_vector_products(
             outputs_fn,
-            lambda outputs: self.loss(y, outputs, sample_weight=sample_weight),
+            lambda outputs: self._mean_loss(y, outputs, sample_weight),
             self.variables,
             vectors,
         )
