@@ -114,3 +114,28 @@ def test_quickstart_only_selects_by_name_and_rejects_unknown_names():
     assert [contender.name for contender in chosen] == ["Keras Adam"]
     with pytest.raises(ValueError, match="--only"):
         quickstart.select(quickstart.CONTENDERS, ["no-such-optimizer"])
+
+
+@pytest.mark.slow
+def test_distributed_example_trains_two_local_workers_to_the_same_weights(tmp_path):
+    """``examples/distributed.py`` launches two workers on the loopback address;
+    both report the same loss and top Hessian eigenvalue."""
+    import os
+    import subprocess
+
+    environment = dict(os.environ)
+    for name in ("KERAS_HOME", "TFDS_DATA_DIR", "MPLCONFIGDIR", "TMPDIR"):
+        environment[name] = str(tmp_path / name.lower())
+        os.makedirs(environment[name], exist_ok=True)
+    environment.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "distributed.py"), "--optimizer", "AGD",
+         "--epochs", "1", "--timeout", "240"],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = sorted(
+        line for line in result.stdout.splitlines() if line.startswith("worker ")
+    )
+    assert len(reports) == 2
+    assert reports[0].split(":", 1)[1] == reports[1].split(":", 1)[1]

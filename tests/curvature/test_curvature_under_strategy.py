@@ -77,3 +77,16 @@ def test_explicit_strategy_and_bad_values(models, two_replica_strategy):
     tiny = Hessian(single, loss, (batch[0][:1], batch[1][:1]), strategy=two_replica_strategy)
     with pytest.raises(ValueError, match="one example per replica"):
         tiny.dense()
+
+
+def test_loss_none_means_the_compiled_loss(models):
+    single, _ = models
+    rng = np.random.default_rng(2)
+    batch = rng.normal(size=(4, 5)), rng.integers(0, 3, 4)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with pytest.raises(ValueError, match="not compiled with a loss"):
+        Hessian(single, None, batch)
+    single.compile(loss=loss)
+    np.testing.assert_array_equal(
+        Hessian(single, None, batch).dense(), Hessian(single, loss, batch).dense()
+    )

@@ -14,6 +14,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from contract_cases import (
     BATCH_SIZE,
     FLAG,
@@ -387,6 +388,30 @@ def test_jit_compile_matches_eager_graph(case):
     without = fit(compiled_model(case, case.optimizer(), jit_compile=False), x, y)
     for a, b in zip(with_xla.steps[-1], without.steps[-1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+#: Operations that run on the host, not on an accelerator (TPU-readiness).
+HOST_OPERATIONS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "PrintV2", "Print",
+                   "StringFormat", "StringJoin", "AsString"}  # fmt: skip
+
+
+@by_case
+def test_step_has_no_host_operations(case):
+    """The whole replica step (forward, curvature, update), nested functions
+    and branches included, holds no host-side operation; what runs on a TPU
+    cannot be checked here."""
+    x, y = data(samples=BATCH_SIZE)
+    model = compiled_model(case, case.optimizer())
+    model.optimizer.build(model.trainable_variables)
+    step = tf.function(model.train_step).get_concrete_function(
+        (tf.constant(x[:BATCH_SIZE]), tf.constant(y[:BATCH_SIZE]))
+    )
+    definition = step.graph.as_graph_def()
+    kinds = {node.op for node in definition.node} | {
+        node.op for function in definition.library.function for node in function.node_def
+    }
+    assert "AssignVariableOp" in kinds or "AssignSubVariableOp" in kinds  # the update
+    assert not kinds & HOST_OPERATIONS, kinds & HOST_OPERATIONS
 
 
 @by_case

@@ -21,8 +21,8 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from tfcurv._checks import check_choice, check_integer
-from tfcurv.analysis.spectra import compiled_loss
 from tfcurv.curvature.layers import layers_with_weights
+from tfcurv.curvature.losses import compiled_loss
 from tfcurv.curvature.operators import Hessian
 
 _TRACE_METHODS = ("hutchinson", "hutch++", "exact")

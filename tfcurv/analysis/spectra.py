@@ -23,6 +23,7 @@ import numpy as np
 from tfcurv.analysis.overlaps import localisation, overlap_matrix, split_rows
 from tfcurv.analysis.results import SavableResult
 from tfcurv.curvature.layers import select_variables
+from tfcurv.curvature.losses import compiled_loss
 from tfcurv.curvature.operators import Hessian
 
 
@@ -222,22 +223,6 @@ def _block_name(block: list) -> str:
     if len(block) == 1:
         return block[0].path
     return "+".join(v.path for v in block)
-
-
-def compiled_loss(model: keras.Model, loss):
-    """``loss``, or the loss ``model`` was compiled with when ``loss`` is ``None``."""
-    if loss is not None:
-        return loss
-    compiled = getattr(model, "loss", None)
-    if compiled is None:
-        raise ValueError(
-            "`loss` is None and the model was not compiled with a loss; pass `loss=`"
-        )
-    if isinstance(compiled, (dict, list, tuple)):
-        raise TypeError(
-            "the model was compiled with one loss per output; pass a single `loss=` callable"
-        )
-    return compiled
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:

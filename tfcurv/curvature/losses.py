@@ -139,3 +139,19 @@ def loss_kind(loss: keras.losses.Loss) -> LossKind:
         "softmax cross-entropy and sigmoid binary cross-entropy (from_logits=True) "
         "and mean squared error"
     )
+
+
+def compiled_loss(model: keras.Model, loss):
+    """``loss``, or the loss ``model`` was compiled with when ``loss`` is ``None``."""
+    if loss is not None:
+        return loss
+    compiled = getattr(model, "loss", None)
+    if compiled is None:
+        raise ValueError(
+            "`loss` is None and the model was not compiled with a loss; pass `loss=`"
+        )
+    if isinstance(compiled, (dict, list, tuple)):
+        raise TypeError(
+            "the model was compiled with one loss per output; pass a single `loss=` callable"
+        )
+    return compiled

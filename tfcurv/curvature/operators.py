@@ -50,7 +50,8 @@ class CurvatureOperator:
     Args:
         model: a built Keras model.
         loss: a ``keras.losses.Loss``, a loss name or a callable; reduced as in
-            ``model.compile`` and with ``model.losses`` added.
+            ``model.compile`` and with ``model.losses`` added. ``None``: the
+            loss the model was compiled with.
         data: ``(x, y)``, ``(x, y, sample_weight)`` or a ``tf.data.Dataset`` of
             such batches (the curvature of the mean loss over all examples).
         training: ``True`` for batch statistics and live Dropout (without
@@ -106,7 +107,9 @@ class CurvatureOperator:
         check_second_derivatives(model, f"tfcurv.{type(self).__name__}")
         self.shapes = [tuple(v.shape) for v in self.variables]
         self.dtype = tf.as_dtype(self.variables[0].dtype)
-        self.loss = losses_lib.resolve(loss, self.dtype.name)
+        self.loss = losses_lib.resolve(
+            losses_lib.compiled_loss(model, loss), self.dtype.name
+        )
         self.size = sum(vec.sizes(self.shapes))
         self.max_dense_size = check_integer("max_dense_size", max_dense_size)
         self._compiled_products = tf.function(self._batch_products)
