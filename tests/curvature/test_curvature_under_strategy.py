@@ -90,3 +90,35 @@ def test_loss_none_means_the_compiled_loss(models):
     np.testing.assert_array_equal(
         Hessian(single, None, batch).dense(), Hessian(single, loss, batch).dense()
     )
+
+
+def test_curvature_monitor_under_mirrored_strategy_equals_one_device(
+    two_replica_strategy,
+):
+    """The monitor builds a Hessian of the model, so it inherits its strategy.
+    The learning rate is 0 so that both models keep the same weights (training
+    itself is compared elsewhere): only the monitor's products differ in how
+    they are computed."""
+    from tfcurv.analysis import CurvatureMonitor
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(16, 5)), rng.integers(0, 3, 16)
+    held_out = rng.normal(size=(6, 5)), rng.integers(0, 3, 6)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    logged = []
+    for scope in (None, two_replica_strategy):
+        keras.utils.set_random_seed(7)
+        if scope is None:
+            model = _model()
+            model.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss)
+        else:
+            with scope.scope():
+                model = _model()
+                model.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss)
+        monitor = CurvatureMonitor(held_out, top_n=2, trace="exact")
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor])
+        logged.append(history.history)
+        used = monitor._operators[""].strategy
+        assert (used is None) == (scope is None)
+    for name in ("hessian_top_eigenvalue", "hessian_eigenvalue_2", "hessian_trace"):
+        np.testing.assert_allclose(logged[1][name], logged[0][name], rtol=1e-11)
