@@ -2,6 +2,7 @@
 ports, the same training in one process), for ``test_multi_worker.py``.
 
     python multi_worker_job.py OPTIMIZER OUT.npz [INDEX PORT0 PORT1] [--epochs N]
+        [--backup DIR] [--crash-after STEPS]
 
 Trains a small float64 model through ``tfcurv.attach`` on a fixed data set
 (global batch 16, sharded by data across the workers) and writes the final
@@ -18,6 +19,8 @@ parser.add_argument("optimizer")
 parser.add_argument("out")
 parser.add_argument("cluster", nargs="*", type=int)
 parser.add_argument("--epochs", type=int, default=2)
+parser.add_argument("--backup", help="BackupAndRestore folder (one per worker inside)")
+parser.add_argument("--crash-after", type=int, help="exit abruptly after this many steps")
 args = parser.parse_args()
 if args.cluster:
     index, *ports = args.cluster
@@ -44,8 +47,13 @@ OPTIMIZERS = {
 
 
 class Steps(keras.callbacks.Callback):
+    count = 0
+
     def on_train_batch_end(self, batch, logs=None):
+        Steps.count += 1
         print("STEP", batch, flush=True)
+        if args.crash_after is not None and Steps.count >= args.crash_after:
+            os._exit(3)  # a lost worker: no clean-up
 
 
 strategy = (
@@ -76,8 +84,16 @@ options = tf.data.Options()
 options.experimental_distribute.auto_shard_policy = (
     tf.data.experimental.AutoShardPolicy.DATA
 )
+callbacks = [Steps()]
+if args.backup:
+    # Keras 3's BackupAndRestore is not multi-worker aware: every worker saves
+    # to the folder it is given, so each gets its own (as separate hosts have).
+    worker = args.cluster[0] if args.cluster else 0
+    callbacks.insert(
+        0, keras.callbacks.BackupAndRestore(os.path.join(args.backup, f"worker{worker}"))
+    )
 history = model.fit(
-    data.with_options(options), epochs=args.epochs, verbose=0, callbacks=[Steps()]
+    data.with_options(options), epochs=args.epochs, verbose=0, callbacks=callbacks
 )
 # Curvature at the trained weights, over the same data: under the strategy
 # every product is spread over both workers' replicas.

@@ -108,3 +108,42 @@ def test_a_killed_worker_makes_the_other_fail_within_bounded_time(tmp_path):
     assert seconds < 120, seconds
     print(f"survivor failed {seconds:.1f} s after the kill")
 
+
+
+def test_backup_and_restore_resumes_the_pair_to_the_single_process_result(tmp_path):
+    """Worker 1 dies in the second epoch, so worker 0 fails too; both restart
+    from their BackupAndRestore folders and finish equal to one process."""
+    backup = tmp_path / "backup"
+    ports = [_free_port(), _free_port()]
+    common = ["--epochs", 3, "--backup", backup]
+    runs = [
+        _start(["adafisher", tmp_path / "w0.npz", 0, *ports, *common], tmp_path, "a0.log"),
+        _start(["adafisher", tmp_path / "w1.npz", 1, *ports, *common, "--crash-after", 6],
+               tmp_path, "a1.log"),
+        _start(["adafisher", tmp_path / "single.npz", "--epochs", 3], tmp_path, "s.log"),
+    ]  # fmt: skip
+    logs = [
+        _finish(process, log, tmp_path, name)
+        for (process, log), name in zip(runs, ["a0.log", "a1.log", "s.log"])
+    ]
+    assert runs[1][0].returncode == 3, logs[1][-2000:]
+    assert runs[0][0].returncode != 0 and not (tmp_path / "w0.npz").exists()
+    assert runs[2][0].returncode == 0, logs[2][-2000:]
+    ports = [_free_port(), _free_port()]
+    again = [
+        _start(["adafisher", tmp_path / f"w{i}.npz", i, *ports, *common], tmp_path, f"b{i}.log")
+        for i in range(2)
+    ]
+    for i, (process, log) in enumerate(again):
+        text = _finish(process, log, tmp_path, f"b{i}.log")
+        assert process.returncode == 0, text[-3000:]
+        # Resumed after the first epoch (4 steps), not restarted: 8 steps left.
+        assert text.count("STEP") == 8, text.count("STEP")
+    single = np.load(tmp_path / "single.npz")
+    for worker in ("w0", "w1"):
+        result = np.load(tmp_path / f"{worker}.npz")
+        for key in single.files:
+            expected = single[key][-len(result[key]) :] if key == "loss" else single[key]
+            np.testing.assert_allclose(
+                result[key], expected, rtol=1e-12, atol=1e-14, err_msg=f"{worker} {key}"
+            )
