@@ -145,6 +145,19 @@ def _patches(tensor, kernel_size, strides, dilation_rate, padding: str):
     return patches[:, 0] if rank == 1 else patches
 
 
+def _patch_square_sums(layer, x, dtype):
+    """Sum over examples and output positions of the squared input patches of
+    a convolution, ``(prod(kernel_size) * C,)`` in ``(k..., C)`` order. Patches
+    only select (zero-padded) entries, so this is the patches of the
+    batch-summed squares: one image, whatever the batch size."""
+    x = _channels_last(layer, tf.cast(x, dtype))
+    squares = tf.reduce_sum(x * x, axis=0, keepdims=True)
+    patches = _patches(
+        squares, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
+    )
+    return tf.reduce_sum(patches, axis=tuple(range(len(layer.kernel_size) + 1)))
+
+
 def _has_patches(layer) -> bool:
     """Whether :func:`_patches` has an op for the layer's rank and dilation."""
     return len(layer.kernel_size) < 3 or all(d == 1 for d in layer.dilation_rate)
@@ -177,12 +190,10 @@ class Block:
         linear_in_input: the pre-activation output is linear (affine) in the
             layer's input, so a Hessian has no second-derivative term there.
         elementwise: the whole layer is an elementwise function of its input.
-        per_example: examples do not mix (output ``n`` depends on input ``n``).
     """
 
     linear_in_input = True
     elementwise = False
-    per_example = True
 
     def __init__(self, layer: keras.layers.Layer):
         self.layer = layer
@@ -230,10 +241,34 @@ class _KernelBias(Block):
     def _has_bias(self) -> bool:
         return getattr(self.layer, "bias", None) is not None and self.layer.bias.trainable
 
-    def _substituted(self, values):
+    def _split(self, h, s, kernel_rows: int) -> list[tuple]:
+        """``(h[:kernel_rows], s)`` for the kernel, then the bias entry with ``s``."""
+        pairs = [(h[:kernel_rows], s)]
+        if self._has_bias:
+            pairs.append((h[kernel_rows:], s))
+        return pairs
+
+    def _row_gradients(self, rows, g) -> list:
+        """Per-example gradients of a kernel met as ``rows @ kernel``: the
+        kernel's as ``(N, inputs, outputs)``, then the bias'."""
+        count = tf.shape(g)[0]
+        flat_in = tf.reshape(rows, [count, -1, rows.shape[-1]])
+        flat_out = tf.reshape(g, [count, -1, g.shape[-1]])
+        result = [tf.einsum("npi,npo->nio", flat_in, flat_out)]
+        if self._has_bias:
+            result.append(tf.reduce_sum(flat_out, axis=1))
+        return result
+
+    def _linear_call(self, x, values):
         kernel = values[0]
-        bias = values[1] if self._has_bias and len(values) > 1 else None
-        return kernel, bias
+        y = self._kernel_op(x, kernel)
+        if self._has_bias and len(values) > 1:
+            y = y + _broadcast_bias(self.layer, values[1], len(y.shape))
+        return y
+
+    def _kernel_op(self, x, kernel):
+        """The layer's linear map of ``x`` with ``kernel``, before the bias."""
+        raise NotImplementedError
 
 
 class DenseBlock(_KernelBias):
@@ -254,20 +289,10 @@ class DenseBlock(_KernelBias):
 
     def normalized_factors(self, sums):
         h, s = (min_max_normalize(f) for f in self.raw_factors(sums))
-        kernel_rows = sums[0].shape[0]
-        pairs = [(h[:kernel_rows], s)]
-        if self._has_bias:
-            pairs.append((h[kernel_rows:], s))
-        return pairs
+        return self._split(h, s, sums[0].shape[0])
 
     def per_example_gradients(self, x, g):
-        count = tf.shape(x)[0]
-        flat_in = tf.reshape(x, [count, -1, x.shape[-1]])
-        flat_out = tf.reshape(g, [count, -1, g.shape[-1]])
-        result = [tf.einsum("npi,npo->nio", flat_in, flat_out)]
-        if self._has_bias:
-            result.append(tf.reduce_sum(flat_out, axis=1))
-        return result
+        return self._row_gradients(x, g)
 
 
 class ConvBlock(_KernelBias):
@@ -285,19 +310,14 @@ class ConvBlock(_KernelBias):
 
     def statistic_sums(self, x, g, dtype):
         layer = self.layer
-        x = _channels_last(layer, tf.cast(x, dtype))
         g = _channels_last(layer, tf.cast(g, dtype))
-        # Patches only select (zero-padded) entries, so the batch sum of the
-        # squared patches is the patches of the batch-summed squares.
-        squares = tf.reduce_sum(x * x, axis=0, keepdims=True)
-        patches = _patches(squares, *self._geometry())
-        rank = len(layer.kernel_size)
+        # Each group's patch is one more row: sum the groups' entries.
         per_entry = tf.reshape(
-            tf.reduce_sum(patches, axis=tuple(range(rank + 1))),
+            _patch_square_sums(layer, x, dtype),
             (math.prod(layer.kernel_size), layer.groups, -1),
         )
         x_squares = tf.reshape(tf.reduce_sum(per_entry, axis=1), (-1,))
-        spatial = list(range(rank + 1))
+        spatial = list(range(len(layer.kernel_size) + 1))
         return [x_squares, tf.reduce_sum(g * g, axis=spatial), _count(g, spatial)]
 
     def raw_factors(self, sums):
@@ -309,11 +329,7 @@ class ConvBlock(_KernelBias):
 
     def normalized_factors(self, sums):
         h, s = (min_max_normalize(f) for f in self.raw_factors(sums))
-        patch_length = sums[0].shape[0]
-        pairs = [(h[:patch_length], s)]
-        if self._has_bias:
-            pairs.append((h[patch_length:], s))
-        return pairs
+        return self._split(h, s, sums[0].shape[0])
 
     def per_example_gradients(self, x, g):
         layer = self.layer
@@ -322,23 +338,18 @@ class ConvBlock(_KernelBias):
         patches = _patches(x, *self._geometry())
         if patches is None:
             return super().per_example_gradients(x, g)
-        count = tf.shape(x)[0]
-        flat_in = tf.reshape(patches, [count, -1, patches.shape[-1]])
-        flat_out = tf.reshape(g, [count, -1, g.shape[-1]])
-        kernel = tf.einsum("npi,npo->nio", flat_in, flat_out)
-        result = [tf.reshape(kernel, [-1, *layer.kernel.shape])]
-        if self._has_bias:
-            result.append(tf.reduce_sum(flat_out, axis=1))
+        result = self._row_gradients(patches, g)
+        result[0] = tf.reshape(result[0], [-1, *layer.kernel.shape])
         return result
 
-    def _linear_call(self, x, values):
-        kernel, bias = self._substituted(values)
+    def _kernel_op(self, x, kernel):
         layer = self.layer
-        y = keras.ops.conv(
+        if layer.groups != 1:
+            return _grouped_conv(layer, x, kernel)
+        return keras.ops.conv(
             x, kernel, layer.strides, layer.padding, layer.data_format,
             layer.dilation_rate,
-        ) if layer.groups == 1 else _grouped_conv(layer, x, kernel)  # fmt: skip
-        return y if bias is None else y + _broadcast_bias(layer, bias, len(y.shape))
+        )  # fmt: skip
 
 
 def _grouped_conv(layer, x, kernel):
@@ -391,14 +402,9 @@ class DepthwiseBlock(_KernelBias):
 
     def statistic_sums(self, x, g, dtype):
         layer = self.layer
-        x = _channels_last(layer, tf.cast(x, dtype))
         g = _channels_last(layer, tf.cast(g, dtype))
-        squares = tf.reduce_sum(x * x, axis=0, keepdims=True)
-        patches = _patches(
-            squares, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
-        )
         spatial = list(range(len(layer.kernel_size) + 1))
-        x_squares = tf.reduce_sum(patches, axis=spatial)
+        x_squares = _patch_square_sums(layer, x, dtype)
         return [x_squares, tf.reduce_sum(g * g, axis=spatial), _count(g, spatial)]
 
     def normalized_factors(self, sums):
@@ -416,14 +422,12 @@ class DepthwiseBlock(_KernelBias):
             pairs.append((h[size:], s))
         return pairs
 
-    def _linear_call(self, x, values):
-        kernel, bias = self._substituted(values)
+    def _kernel_op(self, x, kernel):
         layer = self.layer
-        y = keras.ops.depthwise_conv(
+        return keras.ops.depthwise_conv(
             x, kernel, layer.strides, layer.padding, layer.data_format,
             layer.dilation_rate,
         )  # fmt: skip
-        return y if bias is None else y + _broadcast_bias(layer, bias, len(y.shape))
 
 
 class SeparableBlock(Block):
@@ -454,15 +458,10 @@ class SeparableBlock(Block):
         middle = _channels_last(layer, self._intermediate(x, dtype))
         pointwise = tf.reshape(tf.cast(layer.pointwise_kernel, dtype), (middle.shape[-1], -1))
         g_middle = tf.einsum("...o,io->...i", g, pointwise)
-        xc = _channels_last(layer, tf.cast(x, dtype))
-        squares = tf.reduce_sum(xc * xc, axis=0, keepdims=True)
-        patches = _patches(
-            squares, layer.kernel_size, layer.strides, layer.dilation_rate, layer.padding
-        )
         spatial = list(range(len(layer.kernel_size) + 1))
         m, gr = _rows(middle), _rows(g)
         return [
-            tf.reduce_sum(patches, axis=spatial),
+            _patch_square_sums(layer, x, dtype),
             tf.reduce_sum(g_middle * g_middle, axis=spatial),
             _count(g, spatial),
             tf.reduce_sum(m * m, 0),
@@ -563,14 +562,12 @@ class ConvTransposeBlock(_KernelBias):
             result.append(tf.reduce_sum(tf.reshape(g, [count, -1, g.shape[-1]]), 1))
         return result
 
-    def _linear_call(self, x, values):
-        kernel, bias = self._substituted(values)
+    def _kernel_op(self, x, kernel):
         layer = self.layer
-        y = keras.ops.conv_transpose(
+        return keras.ops.conv_transpose(
             x, kernel, layer.strides, layer.padding, layer.output_padding,
             layer.data_format, layer.dilation_rate,
         )  # fmt: skip
-        return y if bias is None else y + _broadcast_bias(layer, bias, len(y.shape))
 
 
 class EinsumDenseBlock(_KernelBias):
@@ -646,10 +643,8 @@ class EinsumDenseBlock(_KernelBias):
             )
         return pairs
 
-    def _linear_call(self, x, values):
-        kernel, bias = self._substituted(values)
-        y = keras.ops.einsum(self.layer.equation, x, kernel)
-        return y if bias is None else y + bias
+    def _kernel_op(self, x, kernel):
+        return keras.ops.einsum(self.layer.equation, x, kernel)
 
 
 class EmbeddingBlock(Block):
@@ -716,23 +711,25 @@ class _ScaleShift(Block):
         return [(h[i : i + 1], s) for i in self._parts()]
 
 
+def _per_channel_sums(axis: int, x, g, dtype) -> list:
+    """The official BatchNorm2d sums for any rank: ``u_c = sum x / (spatial
+    size)^2`` over all axes but the channel one, ``sum G`` likewise, and the
+    batch size."""
+    x, g = tf.cast(x, dtype), tf.cast(g, dtype)
+    rank = len(x.shape)
+    other = [a for a in range(rank) if a != axis % rank]
+    spatial = _count(x, other[1:]) if rank > 2 else tf.ones((), dtype)
+    u = tf.reduce_sum(x, axis=other) / (spatial * spatial)
+    return [u, tf.reduce_sum(g, axis=other), _count(x, [0])]
+
+
 class BatchNormBlock(_ScaleShift):
     """BatchNormalization on any rank: ``u_c = sum x / (spatial size)^2``
     (official for rank 4; rank 2 has spatial size 1). Examples mix in
-    training mode."""
-
-    @property
-    def per_example(self) -> bool:
-        return False  # set per call by Curvature Propagation (training mode)
+    training mode, which Curvature Propagation refuses."""
 
     def statistic_sums(self, x, g, dtype):
-        x, g = tf.cast(x, dtype), tf.cast(g, dtype)
-        rank = len(x.shape)
-        axis = self.layer.axis % rank
-        other = [a for a in range(rank) if a != axis]
-        spatial = _count(x, other[1:]) if rank > 2 else tf.ones((), dtype)
-        u = tf.reduce_sum(x, axis=other) / (spatial * spatial)
-        return [u, tf.reduce_sum(g, axis=other), _count(x, [0])]
+        return _per_channel_sums(self.layer.axis, x, g, dtype)
 
     def per_example_gradients(self, x, g):
         layer = self.layer
@@ -786,13 +783,7 @@ class GroupNormBlock(LayerNormBlock):
         return True
 
     def statistic_sums(self, x, g, dtype):
-        x, g = tf.cast(x, dtype), tf.cast(g, dtype)
-        rank = len(x.shape)
-        axis = self.layer.axis % rank
-        other = [a for a in range(rank) if a != axis]
-        spatial = _count(x, other[1:]) if rank > 2 else tf.ones((), dtype)
-        u = tf.reduce_sum(x, axis=other) / (spatial * spatial)
-        return [u, tf.reduce_sum(g, axis=other), _count(x, [0])]
+        return _per_channel_sums(self.layer.axis, x, g, dtype)
 
 
 class RMSNormBlock(LayerNormBlock):

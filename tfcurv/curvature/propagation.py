@@ -97,6 +97,20 @@ def _owning_layer(model, variable):
     return None
 
 
+def _reached(tape, inputs, sources) -> bool:
+    """Whether the floating-point ``inputs`` depend on any of ``sources``
+    (a structural question: the gradient graph it builds is never run)."""
+    floats = [
+        t for t in tf.nest.flatten(inputs)
+        if isinstance(t, tf.Tensor) and t.dtype.is_floating
+    ]  # fmt: skip
+    if not floats:
+        return False
+    with tape:
+        total = tf.add_n([tf.reduce_sum(t) for t in floats])
+    return any(g is not None for g in tape.gradient(total, sources))
+
+
 def _in_graph(record, graph) -> bool:
     return all(
         getattr(t, "graph", graph) is graph for t in tf.nest.flatten(record.inputs)
@@ -240,15 +254,7 @@ class CurvaturePropagation:
         for block, calls in zip(self.blocks, by_block):
             outputs = [r.outputs for r in calls]
             for record in calls[1:]:
-                inputs = [
-                    t for t in tf.nest.flatten(record.inputs)
-                    if isinstance(t, tf.Tensor) and t.dtype.is_floating
-                ]  # fmt: skip
-                if not inputs:
-                    continue
-                with tape:
-                    total = tf.add_n([tf.reduce_sum(t) for t in inputs])
-                if any(g is not None for g in tape.gradient(total, outputs)):
+                if _reached(tape, record.inputs, outputs):
                     raise _unsupported(
                         block.layer,
                         "a shared layer called on its own output: the Hessian then "
@@ -274,16 +280,7 @@ class CurvaturePropagation:
                 )
             if not mixes and (exact or self.gauss_newton):
                 continue
-            inputs = [
-                t for t in tf.nest.flatten(record.inputs)
-                if isinstance(t, tf.Tensor) and t.dtype.is_floating
-            ]  # fmt: skip
-            if not inputs:
-                continue
-            with tape:
-                total = tf.add_n([tf.reduce_sum(t) for t in inputs])
-            reached = tape.gradient(total, sources)
-            if all(g is None for g in reached):
+            if not _reached(tape, record.inputs, sources):
                 continue  # upstream of every selected layer: a constant there
             if mixes:
                 raise _unsupported(
