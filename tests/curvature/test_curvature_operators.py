@@ -167,6 +167,12 @@ def test_traces_agree_with_exact_trace():
         (lambda h: h.diagonal(method="becker_lecun"), "method"),
         (lambda h: h.diagonal("hutchinson", num_samples=0), "num_samples"),
         (lambda h: h.vp([np.zeros(3)]), "vectors"),
+        (lambda h: h.vp([None] * len(h.variables)), "Argument `vectors`.*entry 0"),
+        (lambda h: h.eigenvalues(tol="x"), "Argument `tol`"),
+        (lambda h: h.eigenvalues(seed="abc"), "Argument `seed`"),
+        (lambda h: h.trace(seed=2**70), "Argument `seed`.*2\\*\\*63"),
+        (lambda h: h.diagonal("hutchinson", seed=-1), "Argument `seed`"),
+        (lambda h: h.density(seed=1.5), "Argument `seed`"),
     ],
 )
 def test_bad_arguments_raise(call, message):
@@ -187,6 +193,16 @@ def test_bad_constructor_arguments_raise():
         Hessian(model, _logits_loss(), _data(), variables=[tf.Variable(1.0)])
     with pytest.raises(ValueError, match="mode"):
         Hessian(model, _logits_loss(), _data(), mode="forward")
+    with pytest.raises(ValueError, match="Argument `model`.*keras.Model"):
+        Hessian(None, _logits_loss(), _data())
+    with pytest.raises(ValueError, match="Argument `model`.*keras.Model"):
+        Hessian(model.layers[0], _logits_loss(), _data())
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Argument `model` must be built"):
+        Hessian(unbuilt, _logits_loss(), _data())
+    x, y = _data()
+    with pytest.raises(ValueError, match="Argument `data`.*0 rows"):
+        Hessian(model, _logits_loss(), (x[:0], y[:0]))
 
 
 def test_layerwise_summary_matches_the_blocks_of_the_dense_hessian():

@@ -34,7 +34,7 @@ def _as_batch(element, argument: str) -> Batch:
 
 def batch_size(x) -> int:
     first = tf.nest.flatten(x)[0]
-    return int(first.shape[0])
+    return int(first.shape[0]) if hasattr(first, "shape") else len(first)
 
 
 class Data:
@@ -50,6 +50,11 @@ class Data:
         else:
             self._dataset = None
             x, y, sample_weight = _as_batch(data, "data")
+            if batch_size(x) == 0:
+                raise ValueError(
+                    "Argument `data` must hold at least one example. Received: a "
+                    "batch of 0 rows"
+                )
             self._batch = tuple(
                 None if t is None else tf.nest.map_structure(tf.convert_to_tensor, t)
                 for t in (x, y, sample_weight)

@@ -44,6 +44,16 @@ from tfcurv.curvature.second_derivatives import check_second_derivatives
 DEFAULT_MAX_DENSE_SIZE = 5000
 
 
+def _check_seed(seed) -> int:
+    """A seed is an integer in ``[0, 2**63)`` (a stateless random seed)."""
+    seed = check_integer("seed", seed, low=0)
+    if seed >= 2**63:
+        raise ValueError(
+            f"Argument `seed` must be an integer in [0, 2**63). Received: seed={seed!r}"
+        )
+    return seed
+
+
 class CurvatureOperator:
     """A symmetric curvature matrix of ``loss`` on ``data``, known through products.
 
@@ -86,6 +96,16 @@ class CurvatureOperator:
         progress: bool | None = None,
         strategy: tf.distribute.Strategy | None = None,
     ):
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                "Argument `model` must be a keras.Model (a layer alone has no loss "
+                f"to differentiate). Received: model={model!r}"
+            )
+        if not model.built:
+            raise ValueError(
+                f"Argument `model` must be built (call it once, or build it) before "
+                f"its curvature can be measured. Received: an unbuilt {type(model).__name__}"
+            )
         check_bool("training", training)
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise ValueError(
@@ -226,16 +246,18 @@ class CurvatureOperator:
 
     def vp(self, vectors: Sequence) -> list[tf.Tensor]:
         """The matrix times ``vectors`` (one tensor per variable, same shapes)."""
-        if len(vectors) != len(self.variables):
+        if not isinstance(vectors, (list, tuple)) or len(vectors) != len(self.variables):
             raise ValueError(
-                f"vectors must have one tensor per variable ({len(self.variables)}), "
-                f"got {len(vectors)}"
+                "Argument `vectors` must be a list of one tensor per variable "
+                f"({len(self.variables)}). Received: a {type(vectors).__name__}"
+                + (f" of {len(vectors)}" if isinstance(vectors, (list, tuple)) else "")
             )
-        for v, shape in zip(vectors, self.shapes):
-            if tuple(v.shape) != shape:
+        for index, (v, shape) in enumerate(zip(vectors, self.shapes)):
+            if not hasattr(v, "shape") or tuple(v.shape) != shape:
                 raise ValueError(
-                    f"vectors must be shaped like the variables: got {tuple(v.shape)} "
-                    f"where {shape} is expected"
+                    f"Argument `vectors` must be shaped like the variables: entry "
+                    f"{index} should have shape {shape}. Received: "
+                    f"{tuple(v.shape) if hasattr(v, 'shape') else v!r}"
                 )
         flat = vec.flatten([tf.cast(v, self.dtype) for v in vectors])
         return vec.unflatten(self._matvec(flat), self.shapes)
@@ -314,7 +336,8 @@ class CurvatureOperator:
         else:
             check_choice("method", method, ("lanczos", "power"))
         values, vectors, self.last_num_products = solver(
-            self._matvec, self.size, self.dtype, top_n, tol, max(max_iter, top_n), seed
+            self._matvec, self.size, self.dtype, top_n, tol, max(max_iter, top_n),
+            _check_seed(seed),
         )
         return np.asarray(values), [
             [t.numpy() for t in vec.unflatten(v, self.shapes)] for v in vectors
@@ -327,6 +350,7 @@ class CurvatureOperator:
     ) -> float:
         """The trace: ``"hutchinson"``, ``"hutch++"`` (``num_samples`` products each) or ``"exact"``."""
         num_samples = check_integer("num_samples", num_samples)
+        seed = _check_seed(seed)
         if method == "hutchinson":
             return trace_lib.hutchinson(
                 self._matmat, self.size, self.dtype, num_samples, seed
@@ -353,6 +377,7 @@ class CurvatureOperator:
         :mod:`tfcurv.curvature.propagation`.
         """
         num_samples = check_integer("num_samples", num_samples)
+        seed = _check_seed(seed)
         if method == "exact":
             self._check_dense_size("diagonal('exact')", None)
             return diagonal_lib.exact(self._matmat, self.size, self.dtype).numpy()
@@ -400,6 +425,7 @@ class CurvatureOperator:
         """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_iter`` products."""
         num_iter = check_integer("num_iter", num_iter)
         num_runs = check_integer("num_runs", num_runs)
+        seed = _check_seed(seed)
         return density_lib.stochastic_lanczos_quadrature(
             self._matvec, self.size, self.dtype, num_iter, num_runs, seed
         )
