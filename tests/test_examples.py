@@ -117,16 +117,13 @@ def test_quickstart_only_selects_by_name_and_rejects_unknown_names():
 
 
 @pytest.mark.slow
-def test_distributed_example_trains_two_local_workers_to_the_same_weights(tmp_path):
+def test_distributed_example_trains_two_local_workers_to_the_same_weights():
     """``examples/distributed.py`` launches two workers on the loopback address;
     both report the same loss and top Hessian eigenvalue."""
     import os
     import subprocess
 
-    environment = dict(os.environ)
-    for name in ("KERAS_HOME", "TFDS_DATA_DIR", "MPLCONFIGDIR", "TMPDIR"):
-        environment[name] = str(tmp_path / name.lower())
-        os.makedirs(environment[name], exist_ok=True)
+    environment = dict(os.environ)  # conftest's sandbox folders, inherited
     environment.pop("TF_CONFIG", None)
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "distributed.py"), "--optimizer", "AGD",

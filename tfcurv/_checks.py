@@ -58,6 +58,17 @@ def check_integer(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
+def check_seed(value) -> int:
+    """Return ``int(value)`` if it is an integer in ``[0, 2**63)`` (a seed of
+    TensorFlow's stateless random ops), else raise ``ValueError`` naming ``seed``."""
+    value = check_integer("seed", value, low=0)
+    if value >= 2**63:
+        raise ValueError(
+            f"Argument `seed` must be an integer in [0, 2**63). Received: seed={value!r}"
+        )
+    return value
+
+
 def check_bool(name: str, value) -> bool:
     """Return ``value`` as a Python bool if it is ``True`` or ``False`` (a NumPy
     ``bool_`` too, as Keras' own optimizers accept), else raise ``ValueError``."""

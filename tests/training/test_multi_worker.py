@@ -29,13 +29,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _environment(tmp_path) -> dict:
+def _environment() -> dict:
+    """This process' environment (conftest already points KERAS_HOME, TMPDIR,
+    ... into the test sandbox), without a TF_CONFIG of its own."""
     environment = dict(os.environ)
-    for name in ("KERAS_HOME", "TFDS_DATA_DIR", "MPLCONFIGDIR", "TMPDIR"):
-        folder = tmp_path / name.lower()
-        folder.mkdir(exist_ok=True)
-        environment[name] = str(folder)
-    environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
     environment.pop("TF_CONFIG", None)
     return environment
 
@@ -44,7 +41,7 @@ def _start(arguments, tmp_path, log_name):
     log = open(tmp_path / log_name, "w")
     return subprocess.Popen(
         [sys.executable, str(JOB), *map(str, arguments)],
-        stdout=log, stderr=subprocess.STDOUT, env=_environment(tmp_path),
+        stdout=log, stderr=subprocess.STDOUT, env=_environment(),
     ), log  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfcurv._checks import check_choice, check_integer
+from tfcurv._checks import check_choice, check_seed
 from tfcurv.curvature import losses as losses_lib
 from tfcurv.curvature import products
 from tfcurv.curvature.operators import OutputSpaceOperator
@@ -83,7 +83,7 @@ class Fisher(OutputSpaceOperator):
 
     def __init__(self, *args, kind: str = "empirical", seed: int = 0, **kwargs):
         check_choice("kind", kind, tuple(KINDS))
-        check_integer("seed", seed, low=0)
+        check_seed(seed)
         super().__init__(*args, **kwargs)
         self.kind, self.sampling_seed = kind, seed
         reduction = getattr(self.loss, "reduction", None)

@@ -802,11 +802,8 @@ class RMSNormBlock(LayerNormBlock):
 
 class LinearBlock(Block):
     """A parameter-free layer linear in its input (reshaping, pooling by
-    averaging, padding, cropping, merging, dropout)."""
-
-
-class PiecewiseLinearBlock(Block):
-    """Max pooling: linear where it is differentiable (second derivative 0)."""
+    averaging, padding, cropping, merging, dropout), or piecewise linear with a
+    second derivative of 0 where it is differentiable (max pooling)."""
 
 
 #: Activations that act on each entry alone (``softmax`` does not).
@@ -838,6 +835,7 @@ class ElementwiseBlock(Block):
         )
 
 
+# Softmax is absent on purpose: it is not elementwise.
 _TABLE: dict[type, type[Block]] = {
     L.Dense: DenseBlock,
     L.EinsumDense: EinsumDenseBlock,
@@ -860,15 +858,14 @@ _TABLE: dict[type, type[Block]] = {
     L.GlobalAveragePooling2D: LinearBlock, L.GlobalAveragePooling3D: LinearBlock,
     L.ZeroPadding1D: LinearBlock, L.ZeroPadding2D: LinearBlock, L.ZeroPadding3D: LinearBlock,
     L.Cropping1D: LinearBlock, L.Cropping2D: LinearBlock, L.Cropping3D: LinearBlock,
-    L.MaxPooling1D: PiecewiseLinearBlock, L.MaxPooling2D: PiecewiseLinearBlock,
-    L.MaxPooling3D: PiecewiseLinearBlock, L.GlobalMaxPooling1D: PiecewiseLinearBlock,
-    L.GlobalMaxPooling2D: PiecewiseLinearBlock, L.GlobalMaxPooling3D: PiecewiseLinearBlock,
+    L.MaxPooling1D: LinearBlock, L.MaxPooling2D: LinearBlock,
+    L.MaxPooling3D: LinearBlock, L.GlobalMaxPooling1D: LinearBlock,
+    L.GlobalMaxPooling2D: LinearBlock, L.GlobalMaxPooling3D: LinearBlock,
     L.Activation: ElementwiseBlock, L.ReLU: ElementwiseBlock,
-    L.LeakyReLU: ElementwiseBlock, L.ELU: ElementwiseBlock, L.Softmax: None,
+    L.LeakyReLU: ElementwiseBlock, L.ELU: ElementwiseBlock,
 }  # fmt: skip
 if hasattr(L, "RMSNormalization"):
     _TABLE[L.RMSNormalization] = RMSNormBlock
-del _TABLE[L.Softmax]  # listed to say it: softmax is not elementwise
 
 
 def supported_layer_types(parameterised_only: bool = False) -> tuple[type, ...]:
@@ -877,7 +874,7 @@ def supported_layer_types(parameterised_only: bool = False) -> tuple[type, ...]:
         layer_type
         for layer_type, block in _TABLE.items()
         if not parameterised_only
-        or block not in (LinearBlock, PiecewiseLinearBlock, ElementwiseBlock)
+        or block not in (LinearBlock, ElementwiseBlock)
     )
 
 

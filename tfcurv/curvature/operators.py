@@ -28,7 +28,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfcurv import _keras
-from tfcurv._checks import check_bool, check_choice, check_integer, check_range
+from tfcurv._checks import (
+    check_bool,
+    check_choice,
+    check_integer,
+    check_range,
+    check_seed,
+)
 from tfcurv.curvature import data as data_lib
 from tfcurv.curvature import density as density_lib
 from tfcurv.curvature import diagonal as diagonal_lib
@@ -42,16 +48,6 @@ from tfcurv.curvature.layers import select_variables
 from tfcurv.curvature.second_derivatives import check_second_derivatives
 
 DEFAULT_MAX_DENSE_SIZE = 5000
-
-
-def _check_seed(seed) -> int:
-    """A seed is an integer in ``[0, 2**63)`` (a stateless random seed)."""
-    seed = check_integer("seed", seed, low=0)
-    if seed >= 2**63:
-        raise ValueError(
-            f"Argument `seed` must be an integer in [0, 2**63). Received: seed={seed!r}"
-        )
-    return seed
 
 
 class CurvatureOperator:
@@ -337,7 +333,7 @@ class CurvatureOperator:
             check_choice("method", method, ("lanczos", "power"))
         values, vectors, self.last_num_products = solver(
             self._matvec, self.size, self.dtype, top_n, tol, max(max_iter, top_n),
-            _check_seed(seed),
+            check_seed(seed),
         )
         return np.asarray(values), [
             [t.numpy() for t in vec.unflatten(v, self.shapes)] for v in vectors
@@ -350,7 +346,7 @@ class CurvatureOperator:
     ) -> float:
         """The trace: ``"hutchinson"``, ``"hutch++"`` (``num_samples`` products each) or ``"exact"``."""
         num_samples = check_integer("num_samples", num_samples)
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         if method == "hutchinson":
             return trace_lib.hutchinson(
                 self._matmat, self.size, self.dtype, num_samples, seed
@@ -377,7 +373,7 @@ class CurvatureOperator:
         :mod:`tfcurv.curvature.propagation`.
         """
         num_samples = check_integer("num_samples", num_samples)
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         if method == "exact":
             self._check_dense_size("diagonal('exact')", None)
             return diagonal_lib.exact(self._matmat, self.size, self.dtype).numpy()
@@ -425,7 +421,7 @@ class CurvatureOperator:
         """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_iter`` products."""
         num_iter = check_integer("num_iter", num_iter)
         num_runs = check_integer("num_runs", num_runs)
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         return density_lib.stochastic_lanczos_quadrature(
             self._matvec, self.size, self.dtype, num_iter, num_runs, seed
         )

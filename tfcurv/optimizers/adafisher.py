@@ -76,7 +76,7 @@ class _Plan:
     blocks: list  # layer_blocks.Block, each with the variables it covers
     inputs: list  # per block, the input of each call of its layer
     output_gradients: list  # per block, the output gradient of each call
-    sum_counts: dict  # id(block) -> number of statistic sums
+    sums: list | None  # per block, the structure of its statistic sums
     fallback: list  # variables with the diagonal empirical Fisher
     fallback_positions: list  # their positions in the context's variables
     uncovered: list  # variables of no block (fallback or F = 1)
@@ -86,7 +86,7 @@ class _Plan:
         by_layer = {}
         for statistics in context.layer_statistics:
             by_layer.setdefault(id(statistics.layer), []).append(statistics)
-        blocks, inputs, gradients, counts, covered = [], [], [], {}, set()
+        blocks, inputs, gradients, covered = [], [], [], set()
         for records in by_layer.values():
             block = layer_blocks.block_for(records[0].layer)
             if block is None or not block.variables:
@@ -112,7 +112,7 @@ class _Plan:
             i for i, v in enumerate(context.variables) if id(v) not in covered
         ] if diagonal else []  # fmt: skip
         return cls(
-            blocks, inputs, gradients, counts,
+            blocks, inputs, gradients, None,
             [context.variables[i] for i in positions], positions, uncovered,
         )  # fmt: skip
 
@@ -225,12 +225,12 @@ class _AdaFisherBase(CurvatureOptimizer):
         inputs, gradients = plan.inputs, plan.output_gradients
 
         def sums(inputs, gradients):
+            """Per block, its statistic sums added up over the layer's calls."""
             totals = []
             for block, xs, gs in zip(plan.blocks, inputs, gradients):
                 dtype = block.variables[0].dtype
                 per_call = [block.statistic_sums(x, g, dtype) for x, g in zip(xs, gs)]
-                plan.sum_counts[id(block)] = len(per_call[0])
-                totals += [tf.add_n(list(parts)) for parts in zip(*per_call)]
+                totals.append([tf.add_n(list(parts)) for parts in zip(*per_call)])
             return totals
 
         values = []
@@ -243,12 +243,14 @@ class _AdaFisherBase(CurvatureOptimizer):
             compiled = tf.function(
                 sums, jit_compile=True, autograph=False
             ).get_concrete_function(inputs, gradients)
-            outputs = compiled.structured_outputs
+            plan.sums = compiled.structured_outputs
 
             def skip():
-                return [tf.zeros(total.shape, total.dtype) for total in outputs]
+                return tf.nest.map_structure(
+                    lambda total: tf.zeros(total.shape, total.dtype), plan.sums
+                )
 
-            values = list(
+            values = tf.nest.flatten(
                 ops.cond(self._statistics_due(), lambda: compiled(inputs, gradients), skip)
             )
         values += [tf.convert_to_tensor(context.gradients[i]) for i in plan.fallback_positions]
@@ -265,14 +267,16 @@ class _AdaFisherBase(CurvatureOptimizer):
         current = [t for pair in slots for t in (pair[0].value, pair[1].value)]
         keep, forget = self._ema_weights()
 
+        size = len(tf.nest.flatten(plan.sums)) if plan.blocks else 0
+
         @tf.function(jit_compile=True, autograph=False)
         def normalize_and_average(current, values):
-            fresh, position = [], 0
-            for block in plan.blocks:
-                count = plan.sum_counts[id(block)]
-                fresh += block.normalized_factors(values[position : position + count])
-                position += count
-            for variable, gradient in zip(plan.fallback, values[position:]):
+            fresh = []
+            if plan.blocks:
+                grouped = tf.nest.pack_sequence_as(plan.sums, values[:size])
+                for block, sums in zip(plan.blocks, grouped):
+                    fresh += block.normalized_factors(sums)
+            for variable, gradient in zip(plan.fallback, values[size:]):
                 fresh.append(_diagonal_fisher_factors(variable, gradient))
             updated = []
             for (lead, last), h_old, s_old in zip(fresh, current[0::2], current[1::2]):
