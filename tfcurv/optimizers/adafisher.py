@@ -336,8 +336,9 @@ class _AdaFisherBase(CurvatureOptimizer):
                 "normalised) instead of Kronecker factors"
             )
         warnings.warn(
-            f"{type(self).__name__}: no layer of tfcurv's layer table owns the "
-            f"variables {names}; {consequence}.",
+            f"{type(self).__name__}: no Kronecker factors for the variables "
+            f"{names} (their layers are not in tfcurv's layer table, or are "
+            f"configured in a way it does not factor); {consequence}.",
             stacklevel=2,
         )
 
