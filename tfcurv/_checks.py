@@ -85,3 +85,15 @@ def check_choice(name: str, value, choices: tuple) -> str:
             f"Received: {name}={value!r}"
         )
     return value
+
+
+def check_verbose(value):
+    """``verbose`` as ``model.fit`` takes it: ``"auto"``, 0, 1 or 2."""
+    if value == "auto" or (
+        isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        and value in (0, 1, 2)
+    ):  # fmt: skip
+        return value
+    raise ValueError(
+        f"Argument `verbose` must be 'auto', 0, 1 or 2. Received: verbose={value!r}"
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import keras
 import tensorflow as tf
 
 Batch = tuple  # (x, y, sample_weight or None)
@@ -60,7 +59,8 @@ class Data:
                 for t in (x, y, sample_weight)
             )
             self.num_batches = 1
-        # A bar only where a pass takes visibly long: datasets of many batches.
+        # "auto" progress: a bar only where a pass takes visibly long, that is
+        # for datasets of many batches.
         self.progress = (
             progress
             if progress is not None
@@ -74,15 +74,22 @@ class Data:
         for element in self._dataset:
             yield _as_batch(element, "data")
 
-    def weighted_mean(self, per_batch: Callable[[int, Batch], object]):
+    def weighted_mean(
+        self,
+        per_batch: Callable[[int, Batch], object],
+        on_batch: Callable[[int], None] | None = None,
+    ):
         """``sum_b n_b f(b, batch_b) / sum_b n_b`` for a structure-valued ``f``.
 
-        ``f`` also gets the batch's index ``b`` (to key per-batch random draws).
+        ``f`` also gets the batch's index ``b`` (to key per-batch random draws);
+        ``on_batch(b + 1)`` (optional) is called after each batch.
         """
         if not self.is_dataset:
-            return per_batch(0, self._batch)
+            value = per_batch(0, self._batch)
+            if on_batch is not None:
+                on_batch(1)
+            return value
         total, count = None, 0
-        bar = keras.utils.Progbar(self.num_batches) if self.progress else None
         for index, batch in enumerate(self.batches()):
             n = batch_size(batch[0])
             value = tf.nest.map_structure(
@@ -92,8 +99,8 @@ class Data:
                 value if total is None else tf.nest.map_structure(tf.add, total, value)
             )
             count += n
-            if bar is not None:
-                bar.update(index + 1)
+            if on_batch is not None:
+                on_batch(index + 1)
         if count == 0:
             raise ValueError("data is an empty dataset")
         return tf.nest.map_structure(lambda t: t / count, total)

@@ -62,23 +62,41 @@ class SpectralDensity:
             _, ax = plt.subplots()
         grid, density = self.smoothed(sigma=sigma)
         ax.plot(grid, density, **line_kwargs)
+        # Explicit limits: autoscaling a log axis over kernel tails of 1e-300
+        # puts the top decades above the peak.
+        peak = max(float(density.max()), np.finfo(float).tiny)
         if log:
             ax.set_yscale("log")
-            ax.set_ylim(bottom=max(density.max() * 1e-8, np.finfo(float).tiny))
+            ax.set_ylim(peak * 1e-8, peak * 2)
+        else:
+            ax.set_ylim(0, peak * 1.05)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax
 
 
 def stochastic_lanczos_quadrature(
-    matvec, size: int, dtype, num_iter: int, num_runs: int, seed: int
+    matvec,
+    size: int,
+    dtype,
+    num_iter: int,
+    num_runs: int,
+    seed: int,
+    reorthogonalize: bool = False,
+    on_product=None,
 ) -> SpectralDensity:
-    """``num_runs`` Lanczos runs of at most ``num_iter`` steps each."""
+    """``num_runs`` Lanczos runs of at most ``num_iter`` steps each.
+
+    Each run holds three vectors (``num_iter`` with ``reorthogonalize=True``,
+    which stores the basis and re-orthogonalises every step against it).
+    """
     nodes, weights = [], []
     for run in range(num_runs):
         start = vec.random_flat(size, vec.seed_pair(seed, run), dtype)
-        result = lanczos_lib.lanczos(matvec, start, min(num_iter, size))
-        values, vectors = result.ritz()
+        alphas, betas = lanczos_lib.lanczos_tridiagonal(
+            matvec, start, min(num_iter, size), reorthogonalize, on_product
+        )
+        values, vectors = lanczos_lib.tridiagonal_eigh(alphas, betas)
         padding = num_iter - len(values)  # an invariant subspace ends a run early
         nodes.append(np.pad(values, (0, padding), constant_values=values[-1]))
         weights.append(np.pad(vectors[0] ** 2, (0, padding)))

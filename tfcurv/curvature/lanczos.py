@@ -1,15 +1,28 @@
-"""Extreme eigenpairs of a symmetric operator known only through products.
+"""Extreme eigenpairs and Lanczos quadrature of a symmetric operator known by products.
 
-:func:`lanczos` runs the Lanczos recurrence with full re-orthogonalisation (in
-float64 if the operator is), :func:`top_eigenpairs` stops it as soon as the
-wanted largest algebraic Ritz pairs have converged, and :func:`power_iteration`
-is the deflated power method PyHessian uses (kept for parity with it).
-Vectors are flat ``tf.Tensor`` s; ``matvec`` maps one flat vector to another.
+* :func:`top_eigenpairs`: thick-restart Lanczos (Wu & Simon 2000). It keeps at
+  most ``basis_size`` vectors (default ``max(2 top_n + 10, 20)``, capped at the
+  dimension), so its memory does not grow with the number of products: when
+  the basis is full it is compressed to the best ``keep`` Ritz vectors plus
+  the residual direction, and the recurrence goes on from there.
+* :func:`lanczos_tridiagonal`: the plain recurrence for quadrature (spectral
+  densities). Without re-orthogonalisation it holds three vectors; the Gauss
+  quadrature it defines stays accurate in floating point even after the basis
+  has lost orthogonality (Knizhnerman 1996; Golub & Meurant, *Matrices,
+  Moments and Quadrature*, 2010, ch. 4), which is why the spectral-density
+  literature uses it this way. ``reorthogonalize=True`` stores the basis.
+* :func:`power_iteration`: the deflated power method PyHessian uses (kept for
+  parity with it).
+
+The recurrences run in float64 whatever the operator's dtype: a float32
+operator's products are cast up, and its inputs cast down, so rounding in the
+recurrence does not limit the accuracy (a float32 recurrence stalls near 1e-6
+relative). Vectors are flat ``tf.Tensor`` s; ``matvec`` maps one flat vector to
+another; ``on_product`` (optional) is called once per product, for progress.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -20,76 +33,27 @@ from tfcurv.curvature import vectors as vec
 MatVec = Callable[[tf.Tensor], tf.Tensor]
 
 
-@dataclasses.dataclass
-class LanczosResult:
-    """The tridiagonal ``T = Q^T A Q`` after ``len(alphas)`` steps.
-
-    ``basis`` holds the orthonormal Lanczos vectors as rows; ``num_products``
-    counts calls of ``matvec``; ``residual`` is the last off-diagonal entry
-    ``beta_k`` (zero when an invariant subspace was found).
-    """
-
-    alphas: list
-    betas: list
-    basis: tf.Tensor
-    residual: float
-    num_products: int
-
-    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
-        """Ritz values (ascending) and the eigenvectors of ``T`` as columns."""
-        return tridiagonal_eigh(self.alphas, self.betas)
+def default_basis_size(top_n: int, size: int) -> int:
+    """The thick-restart basis size used unless one is given."""
+    return min(size, max(2 * top_n + 10, 20))
 
 
-def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
-    """Eigen-decomposition of the symmetric tridiagonal matrix (ascending values)."""
-    diagonal = tf.constant(np.asarray(alphas, dtype=np.float64))
-    off = np.asarray(betas, dtype=np.float64)
-    matrix = tf.linalg.diag(diagonal)
-    if off.size:
-        matrix += tf.linalg.diag(off, k=1) + tf.linalg.diag(off, k=-1)
-    values, vectors = tf.linalg.eigh(matrix)
-    return values.numpy(), vectors.numpy()
-
-
-def _orthogonalise(w: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
-    """Classical Gram-Schmidt against the rows of ``basis``, done twice (stable)."""
+def _orthogonalise(w: tf.Tensor, basis: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``w`` minus its projection on the rows of ``basis`` (classical Gram-Schmidt,
+    done twice for stability), and the projection's coefficients."""
+    coefficients = tf.zeros(basis.shape[:1], w.dtype)
     for _ in range(2):
-        w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)
+        step = tf.linalg.matvec(basis, w)
+        w = w - tf.linalg.matvec(basis, step, transpose_a=True)
+        coefficients += step
+    return w, coefficients
+
+
+def _product(matvec: MatVec, q: tf.Tensor, dtype, on_product) -> tf.Tensor:
+    w = tf.cast(matvec(tf.cast(q, dtype)), tf.float64)
+    if on_product is not None:
+        on_product()
     return w
-
-
-def lanczos(
-    matvec: MatVec,
-    start: tf.Tensor,
-    num_iter: int,
-    converged: Callable[[LanczosResult], bool] | None = None,
-) -> LanczosResult:
-    """Up to ``num_iter`` Lanczos steps from ``start`` with full re-orthogonalisation.
-
-    Stops early when ``converged(result)`` is true or when the Krylov space
-    becomes invariant (``beta`` below 1e-12 of the operator scale seen so far).
-    """
-    q = start / tf.norm(start)
-    rows, alphas, betas = [q], [], []
-    scale = 0.0
-    beta = 0.0
-    while True:
-        w = matvec(q)
-        alpha = float(tf.tensordot(q, w, 1))
-        alphas.append(alpha)
-        basis = tf.stack(rows)
-        w = _orthogonalise(w, basis)
-        beta = float(tf.norm(w))
-        scale = max(scale, abs(alpha), beta)
-        result = LanczosResult(alphas, betas, basis, beta, len(alphas))
-        invariant = beta <= 1e-12 * max(scale, np.finfo(np.float64).tiny)
-        if invariant or len(alphas) >= num_iter or (converged and converged(result)):
-            if invariant:
-                result.residual = 0.0
-            return result
-        betas.append(beta)
-        q = w / beta
-        rows.append(q)
 
 
 def top_eigenpairs(
@@ -100,29 +64,100 @@ def top_eigenpairs(
     tol: float,
     max_iter: int,
     seed: int,
+    basis_size: int | None = None,
+    on_product: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, tf.Tensor, int]:
     """The ``top_n`` largest algebraic eigenpairs (values descending).
 
-    Converged when every wanted Ritz pair has residual ``|beta_k s_ki|`` at most
-    ``tol`` times the largest Ritz magnitude. Returns values, eigenvectors
-    (rows) and the number of products used.
+    Converged when every wanted Ritz pair has residual norm ``||A y - theta y||``
+    at most ``tol`` times the largest Ritz magnitude. At most ``max_iter``
+    products; at most ``basis_size + 1`` vectors of length ``size`` (float64)
+    held at any time. Returns values, eigenvectors (rows, in ``dtype``) and
+    the number of products used.
     """
+    dtype = tf.as_dtype(dtype)
+    capacity = default_basis_size(top_n, size) if basis_size is None else basis_size
+    capacity = min(max(capacity, top_n + 2), size)
+    keep = min(capacity - 1, top_n + (capacity - top_n) // 2)
+    start = tf.cast(vec.random_flat(size, vec.seed_pair(seed), dtype), tf.float64)
+    basis = (start / tf.norm(start))[None]
+    projected = np.zeros((capacity, capacity))
+    products = 0
+    scale = np.finfo(np.float64).tiny
+    while True:
+        count = int(basis.shape[0])
+        w = _product(matvec, basis[-1], dtype, on_product)
+        products += 1
+        w, column = _orthogonalise(w, basis)
+        projected[:count, count - 1] = projected[count - 1, :count] = column.numpy()
+        beta = float(tf.norm(w))
+        values, vectors = np.linalg.eigh(projected[:count, :count])
+        scale = max(scale, float(np.max(np.abs(values))), beta)
+        wanted = np.argsort(values)[::-1][: min(top_n, count)]
+        residuals = np.abs(beta * vectors[-1, wanted])
+        converged = len(wanted) == top_n and bool(
+            np.all(residuals <= tol * np.max(np.abs(values)))
+        )
+        invariant = beta <= 1e-12 * scale
+        if converged or invariant or products >= max_iter or count == size:
+            ritz = tf.matmul(tf.constant(vectors[:, wanted].T), basis)
+            return values[wanted], tf.cast(ritz, dtype), products
+        if count == capacity:
+            # Thick restart: the best `keep` Ritz vectors span the new basis; the
+            # residual direction couples to each of them by beta * (last row).
+            kept = np.argsort(values)[::-1][:keep]
+            basis = tf.matmul(tf.constant(vectors[:, kept].T), basis)
+            projected[:] = 0.0
+            projected[np.arange(keep), np.arange(keep)] = values[kept]
+            coupling = beta * vectors[-1, kept]
+            projected[keep, :keep] = projected[:keep, keep] = coupling
+        basis = tf.concat([basis, (w / beta)[None]], axis=0)
 
-    def wanted_converged(result: LanczosResult) -> bool:
-        if len(result.alphas) < top_n:
-            return False
-        values, vectors = result.ritz()
-        residuals = np.abs(result.residual * vectors[-1, -top_n:])
-        return bool(np.all(residuals <= tol * np.max(np.abs(values))))
 
-    start = vec.random_flat(size, vec.seed_pair(seed), dtype)
-    result = lanczos(matvec, start, min(max_iter, size), wanted_converged)
-    values, vectors = result.ritz()
-    order = np.argsort(values)[::-1][:top_n]
-    ritz_vectors = tf.matmul(
-        tf.constant(vectors[:, order].T, dtype=result.basis.dtype), result.basis
-    )
-    return values[order], ritz_vectors, result.num_products
+def lanczos_tridiagonal(
+    matvec: MatVec,
+    start: tf.Tensor,
+    num_iter: int,
+    reorthogonalize: bool = False,
+    on_product: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``num_iter`` Lanczos steps from ``start``: the tridiagonal's
+    diagonal ``alphas`` and off-diagonal ``betas`` (one shorter).
+
+    Stops early when the Krylov space becomes invariant (``beta`` below 1e-12
+    of the operator scale seen so far). Holds three vectors, or ``num_iter``
+    with ``reorthogonalize=True`` (full re-orthogonalisation).
+    """
+    dtype = start.dtype
+    q = tf.cast(start, tf.float64)
+    q = q / tf.norm(q)
+    previous = tf.zeros_like(q)
+    basis = q[None] if reorthogonalize else None
+    alphas, betas, beta, scale = [], [], 0.0, np.finfo(np.float64).tiny
+    while True:
+        w = _product(matvec, q, dtype, on_product)
+        alpha = float(tf.tensordot(q, w, 1))
+        alphas.append(alpha)
+        w = w - alpha * q - beta * previous
+        if basis is not None:
+            w, _ = _orthogonalise(w, basis)
+        beta = float(tf.norm(w))
+        scale = max(scale, abs(alpha), beta)
+        if beta <= 1e-12 * scale or len(alphas) >= num_iter:
+            return np.asarray(alphas), np.asarray(betas)
+        betas.append(beta)
+        previous, q = q, w / beta
+        if basis is not None:
+            basis = tf.concat([basis, q[None]], axis=0)
+
+
+def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of the symmetric tridiagonal matrix (ascending values)."""
+    matrix = np.diag(np.asarray(alphas, dtype=np.float64))
+    off = np.asarray(betas, dtype=np.float64)
+    if off.size:
+        matrix += np.diag(off, k=1) + np.diag(off, k=-1)
+    return np.linalg.eigh(matrix)
 
 
 def power_iteration(
@@ -133,12 +168,14 @@ def power_iteration(
     tol: float,
     max_iter: int,
     seed: int,
+    on_product: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, tf.Tensor, int]:
     """Deflated power iteration as in PyHessian: the ``top_n`` largest-|λ| eigenpairs.
 
     Each pair starts from a fresh random vector kept orthogonal to the pairs
     found before; it stops when the Rayleigh quotient changes by less than
     ``tol`` relative. Values are returned in descending (algebraic) order.
+    Holds ``top_n + 2`` vectors.
     """
     found_values, found_vectors, products = [], [], 0
     for index in range(top_n):
@@ -146,9 +183,11 @@ def power_iteration(
         eigenvalue = None
         for _ in range(max_iter):
             if found_vectors:
-                v = _orthogonalise(v, tf.stack(found_vectors))
+                v, _ = _orthogonalise(v, tf.stack(found_vectors))
             v = v / tf.norm(v)
             hv = matvec(v)
+            if on_product is not None:
+                on_product()
             products += 1
             estimate = float(tf.tensordot(hv, v, 1))
             v = hv
@@ -159,7 +198,7 @@ def power_iteration(
                 break
             eigenvalue = estimate
         if found_vectors:
-            v = _orthogonalise(v, tf.stack(found_vectors))
+            v, _ = _orthogonalise(v, tf.stack(found_vectors))
         found_values.append(eigenvalue)
         found_vectors.append(v / tf.norm(v))
     order = np.argsort(found_values)[::-1]

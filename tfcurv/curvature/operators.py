@@ -21,6 +21,8 @@ The forward pass of every product runs
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import keras
@@ -34,6 +36,7 @@ from tfcurv._checks import (
     check_integer,
     check_range,
     check_seed,
+    check_verbose,
 )
 from tfcurv.curvature import data as data_lib
 from tfcurv.curvature import density as density_lib
@@ -48,6 +51,31 @@ from tfcurv.curvature.layers import select_variables
 from tfcurv.curvature.second_derivatives import check_second_derivatives
 
 DEFAULT_MAX_DENSE_SIZE = 5000
+
+
+@dataclasses.dataclass
+class SolveResult:
+    """What :meth:`CurvatureOperator.solve` found.
+
+    Attributes:
+        x: the solution, one array per variable.
+        iterations: products spent (one per conjugate-gradient iteration).
+        relative_residual: ``||b - (A + damping I) x|| / ||b||``, recomputed
+            from ``x``.
+        converged: whether ``relative_residual`` is at most ``tol``.
+        stop_reason: ``"converged"``, ``"max_iter"``, ``"non-positive
+            curvature"`` (the damped matrix is not positive definite along a
+            search direction; ``x`` is the last iterate) or ``"b is zero"``.
+        residual_history: the recurrence's relative residual norm before each
+            iteration and after the last.
+    """
+
+    x: list
+    iterations: int
+    relative_residual: float
+    converged: bool
+    stop_reason: str
+    residual_history: np.ndarray
 
 
 class CurvatureOperator:
@@ -68,8 +96,9 @@ class CurvatureOperator:
             (Hessian only).
         max_dense_size: largest parameter count :meth:`dense` and exact methods
             accept.
-        progress: show a progress bar per pass over ``data`` (default: for
-            datasets of more than 20 batches).
+        progress: what ``verbose="auto"`` of the estimates means: ``True``,
+            one progress bar per estimate; ``False``, none; ``None``
+            (default), a bar for datasets of more than 20 batches.
         strategy: a ``tf.distribute`` strategy to spread each product over:
             every replica (on every worker) takes its contiguous share of each
             batch and the shares are summed with one all-reduce, which gives
@@ -129,6 +158,7 @@ class CurvatureOperator:
         self.size = sum(vec.sizes(self.shapes))
         self.max_dense_size = check_integer("max_dense_size", max_dense_size)
         self._compiled_products = tf.function(self._batch_products)
+        self._bar = None
 
     # -- the model's loss, without changing the model ---------------------------------
 
@@ -197,10 +227,49 @@ class CurvatureOperator:
                 self.data.weighted_mean(
                     lambda index, batch, chunk=chunk: products_on(
                         *batch, chunk, vec.seed_pair(self.sampling_seed, index)
-                    )
+                    ),
+                    self._on_batch,
                 )
             )
+            if self._bar is not None:
+                self._products_before += 1
+                self._bar.update(self._products_before, finalize=False)
         return tf.concat(chunks, axis=0)
+
+    # -- progress: one bar per estimate ------------------------------------------------
+
+    def _on_batch(self, batches_done: int) -> None:
+        """Moves the current estimate's bar by a product's share of a pass."""
+        total = self.data.num_batches
+        if self._bar is not None and total and batches_done < total:
+            self._bar.update(
+                self._products_before + batches_done / total, finalize=False
+            )
+
+    @contextlib.contextmanager
+    def _estimate(self, num_products: int | None, verbose):
+        """One Keras ``Progbar`` counting the products of one estimate.
+
+        ``verbose``: ``"auto"`` (the constructor's ``progress``), 0 (silent),
+        1 (a bar) or 2 (one line at the end), as in ``model.fit``. An
+        estimate inside another (``trace("exact")`` runs ``diagonal``) adds to
+        the outer bar.
+        """
+        if check_verbose(verbose) == "auto":
+            verbose = 1 if self.data.progress else 0
+        if self._bar is not None or verbose == 0:
+            yield
+            return
+        self._bar = keras.utils.Progbar(
+            num_products, verbose=verbose, unit_name="product"
+        )
+        self._products_before = 0
+        try:
+            yield
+        finally:
+            bar, self._bar = self._bar, None
+            bar.target = max(self._products_before, 1)
+            bar.update(self._products_before, finalize=True)
 
     def _distributed_products(self, x, y, sample_weight, flat_vectors, batch_seed):
         """:meth:`_batch_products` of one batch, spread over the strategy's
@@ -240,23 +309,137 @@ class CurvatureOperator:
     def _matvec(self, flat_vector: tf.Tensor) -> tf.Tensor:
         return self._matmat(flat_vector[None])[0]
 
-    def vp(self, vectors: Sequence) -> list[tf.Tensor]:
-        """The matrix times ``vectors`` (one tensor per variable, same shapes)."""
+    def _flat(self, vectors: Sequence, argument: str) -> tf.Tensor:
+        """``vectors`` (one tensor per variable, same shapes) as one flat vector."""
         if not isinstance(vectors, (list, tuple)) or len(vectors) != len(self.variables):
             raise ValueError(
-                "Argument `vectors` must be a list of one tensor per variable "
+                f"Argument `{argument}` must be a list of one tensor per variable "
                 f"({len(self.variables)}). Received: a {type(vectors).__name__}"
                 + (f" of {len(vectors)}" if isinstance(vectors, (list, tuple)) else "")
             )
         for index, (v, shape) in enumerate(zip(vectors, self.shapes)):
             if not hasattr(v, "shape") or tuple(v.shape) != shape:
                 raise ValueError(
-                    f"Argument `vectors` must be shaped like the variables: entry "
+                    f"Argument `{argument}` must be shaped like the variables: entry "
                     f"{index} should have shape {shape}. Received: "
                     f"{tuple(v.shape) if hasattr(v, 'shape') else v!r}"
                 )
-        flat = vec.flatten([tf.cast(v, self.dtype) for v in vectors])
-        return vec.unflatten(self._matvec(flat), self.shapes)
+        return vec.flatten([tf.cast(v, self.dtype) for v in vectors])
+
+    def vp(self, vectors: Sequence) -> list[tf.Tensor]:
+        """The matrix times ``vectors`` (one tensor per variable, same shapes)."""
+        return vec.unflatten(self._matvec(self._flat(vectors, "vectors")), self.shapes)
+
+    # -- the operator for other libraries and solvers -----------------------------------
+
+    def to_scipy(self):
+        """This matrix as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(P, P)``.
+
+        Its products run in TensorFlow (the same compiled products as
+        :meth:`vp`, over all of ``data``), on flat NumPy vectors in the order
+        of ``variables`` (each flattened in C order); ``matmat`` sends its
+        columns one product each. Any SciPy solver or eigensolver then works
+        on it, for example ``scipy.sparse.linalg.eigsh(op.to_scipy(), k=3)``.
+        Needs SciPy (``pip install scipy``).
+        """
+        try:
+            from scipy.sparse import linalg as scipy_linalg
+        except ImportError as error:  # pragma: no cover - scipy is a test dependency
+            raise ImportError(
+                "to_scipy() needs SciPy: pip install scipy"
+            ) from error
+        numpy_dtype = np.dtype(self.dtype.as_numpy_dtype)
+
+        def matvec(v):
+            flat = tf.constant(np.asarray(v, numpy_dtype).reshape(-1))
+            return self._matvec(flat).numpy()
+
+        def matmat(columns):
+            rows = tf.constant(np.asarray(columns, numpy_dtype).T)
+            return self._matmat(rows).numpy().T
+
+        return scipy_linalg.LinearOperator(
+            (self.size, self.size),
+            matvec=matvec,
+            rmatvec=matvec,
+            matmat=matmat,
+            rmatmat=matmat,
+            dtype=numpy_dtype,
+        )
+
+    def solve(
+        self,
+        b: Sequence,
+        damping: float = 0.0,
+        method: str = "cg",
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        verbose="auto",
+    ) -> SolveResult:
+        """Solves ``(A + damping I) x = b`` by conjugate gradients.
+
+        ``b`` is one tensor per variable (like :meth:`vp`). Stops when the
+        residual norm ``||b - (A + damping I) x||`` is at most ``tol ||b||``,
+        after ``max_iter`` products (default ``min(P, 1000)``), or when a search
+        direction has non-positive curvature: conjugate gradients needs a
+        positive-definite matrix, which a Hessian need not be (add
+        ``damping``, or solve with :class:`GaussNewton` or :class:`Fisher`).
+        The residual is recomputed from ``x`` at the end, so the reported
+        norm is the true one, not CG's recurrence. Returns a
+        :class:`SolveResult` with ``x`` shaped like the variables and the
+        iteration report. The recurrence runs in float64.
+        """
+        check_choice("method", method, ("cg",))
+        check_range("damping", damping, 0.0)
+        check_range("tol", tol, 0.0, low_inclusive=False)
+        max_iter = (
+            min(self.size, 1000) if max_iter is None
+            else check_integer("max_iter", max_iter)
+        )  # fmt: skip
+        rhs = tf.cast(self._flat(b, "b"), tf.float64)
+
+        def damped(v):
+            product = tf.cast(self._matvec(tf.cast(v, self.dtype)), tf.float64)
+            return product + damping * v
+
+        target = tol * float(tf.norm(rhs))
+        x = tf.zeros_like(rhs)
+        residual, history, stop = rhs, [float(tf.norm(rhs))], None
+        with self._estimate(max_iter + 1, verbose):
+            if history[0] == 0.0:
+                stop = "b is zero"
+            direction, residual_square = residual, history[0] ** 2
+            iterations = 0
+            while stop is None:
+                if history[-1] <= target:
+                    stop = "converged"
+                    break
+                if iterations >= max_iter:
+                    stop = "max_iter"
+                    break
+                product = damped(direction)
+                curvature = float(tf.tensordot(direction, product, 1))
+                iterations += 1
+                if curvature <= 0.0:
+                    stop = "non-positive curvature"
+                    break
+                step = residual_square / curvature
+                x += step * direction
+                residual -= step * product
+                new_square = float(tf.tensordot(residual, residual, 1))
+                direction = residual + (new_square / residual_square) * direction
+                residual_square = new_square
+                history.append(new_square**0.5)
+            true_residual = float(tf.norm(rhs - damped(x))) if iterations else history[0]
+        reference = history[0] or 1.0
+        return SolveResult(
+            x=[t.numpy() for t in vec.unflatten(tf.cast(x, self.dtype), self.shapes)],
+            iterations=iterations,
+            relative_residual=true_residual / reference,
+            converged=true_residual <= target,
+            stop_reason=stop,
+            residual_history=np.asarray(history) / reference,
+        )
 
     # -- small models -----------------------------------------------------------------
 
@@ -282,14 +465,17 @@ class CurvatureOperator:
             units = tf.one_hot(tf.range(start, stop), self.size, dtype=self.dtype)
             yield start, self._matmat(units)
 
-    def dense(self, max_size: int | None = None) -> np.ndarray:
+    def dense(self, max_size: int | None = None, verbose="auto") -> np.ndarray:
         """The full ``(P, P)`` matrix (variables flattened in order, C order).
 
         Costs ``P`` products; refused above ``max_size`` (default
         ``max_dense_size``) with a ``ValueError``.
         """
         self._check_dense_size("dense()", max_size)
-        return np.concatenate([rows.numpy() for _, rows in self._unit_products()])
+        with self._estimate(self.size, verbose):
+            return np.concatenate(
+                [rows.numpy() for _, rows in self._unit_products()]
+            )
 
     # -- spectra ----------------------------------------------------------------------
 
@@ -300,15 +486,23 @@ class CurvatureOperator:
         tol: float = 1e-6,
         max_iter: int | None = None,
         seed: int = 0,
+        basis_size: int | None = None,
+        verbose="auto",
     ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
         """Top eigenpairs: values (descending) and eigenvectors shaped like ``variables``.
 
         ``method="lanczos"`` (default) returns the ``top_n`` largest algebraic
         eigenvalues (for the most negative ones, use ``eigenvalues`` of
-        ``-1 * operator`` via :meth:`negated`). ``method="power"`` is PyHessian's
-        deflated power iteration, which finds the ``top_n`` largest in
-        magnitude. ``max_iter`` bounds the products (Lanczos, default
-        ``min(P, 300)``) or the iterations per pair (power, default 1000).
+        ``-1 * operator`` via :meth:`negated`), by thick-restart Lanczos: it
+        holds at most ``basis_size + 1`` parameter vectors (float64; default
+        ``max(2 top_n + 10, 20)``), however many products it takes.
+        ``method="power"`` is PyHessian's deflated power iteration, which finds
+        the ``top_n`` largest in magnitude. ``tol``: a pair is converged when
+        its residual norm is at most ``tol`` times the largest Ritz value
+        (Lanczos) or its Rayleigh quotient changes by at most ``tol`` relative
+        (power). ``max_iter`` bounds the products (Lanczos, default 300) or
+        the iterations per pair (power, default 1000); the number used is
+        ``last_num_products`` afterwards.
         """
         top_n = check_integer("top_n", top_n)
         if top_n > self.size:
@@ -317,24 +511,28 @@ class CurvatureOperator:
                 f"Received: top_n={top_n}"
             )
         check_range("tol", tol, 0.0, low_inclusive=False)
+        seed = check_seed(seed)
         if method == "lanczos":
-            max_iter = (
-                min(self.size, 300)
-                if max_iter is None
-                else check_integer("max_iter", max_iter)
-            )
-            solver = lanczos_lib.top_eigenpairs
+            max_iter = 300 if max_iter is None else check_integer("max_iter", max_iter)
+            if basis_size is not None:
+                check_integer("basis_size", basis_size, top_n + 2)
+            target = max(max_iter, top_n)
+            with self._estimate(target, verbose):
+                values, vectors, self.last_num_products = lanczos_lib.top_eigenpairs(
+                    self._matvec, self.size, self.dtype, top_n, tol, target, seed,
+                    basis_size,
+                )  # fmt: skip
         elif method == "power":
             max_iter = (
                 1000 if max_iter is None else check_integer("max_iter", max_iter)
             )
-            solver = lanczos_lib.power_iteration
+            with self._estimate(None, verbose):
+                values, vectors, self.last_num_products = lanczos_lib.power_iteration(
+                    self._matvec, self.size, self.dtype, top_n, tol,
+                    max(max_iter, top_n), seed,
+                )  # fmt: skip
         else:
             check_choice("method", method, ("lanczos", "power"))
-        values, vectors, self.last_num_products = solver(
-            self._matvec, self.size, self.dtype, top_n, tol, max(max_iter, top_n),
-            check_seed(seed),
-        )
         return np.asarray(values), [
             [t.numpy() for t in vec.unflatten(v, self.shapes)] for v in vectors
         ]
@@ -342,27 +540,33 @@ class CurvatureOperator:
     # -- traces, diagonals, densities ------------------------------------------------
 
     def trace(
-        self, method: str = "hutchinson", num_samples: int = 100, seed: int = 0
+        self,
+        method: str = "hutchinson",
+        num_samples: int = 100,
+        seed: int = 0,
+        verbose="auto",
     ) -> float:
         """The trace: ``"hutchinson"``, ``"hutch++"`` (``num_samples`` products each) or ``"exact"``."""
+        check_choice("method", method, ("hutchinson", "hutch++", "exact"))
         num_samples = check_integer("num_samples", num_samples)
         seed = check_seed(seed)
-        if method == "hutchinson":
-            return trace_lib.hutchinson(
-                self._matmat, self.size, self.dtype, num_samples, seed
-            )
-        if method == "hutch++":
+        if method == "exact":
+            return float(np.sum(self.diagonal("exact", verbose=verbose)))
+        with self._estimate(num_samples, verbose):
+            if method == "hutchinson":
+                return trace_lib.hutchinson(
+                    self._matmat, self.size, self.dtype, num_samples, seed
+                )
             return trace_lib.hutch_plus_plus(
                 self._matmat, self.size, self.dtype, num_samples, seed
             )
-        if method == "exact":
-            return float(np.sum(self.diagonal("exact")))
-        raise ValueError(
-            f"method must be 'hutchinson', 'hutch++' or 'exact', got {method!r}"
-        )
 
     def diagonal(
-        self, method: str = "exact", num_samples: int = 100, seed: int = 0
+        self,
+        method: str = "exact",
+        num_samples: int = 100,
+        seed: int = 0,
+        verbose="auto",
     ) -> np.ndarray:
         """The diagonal as one flat array (variables flattened in order).
 
@@ -370,23 +574,23 @@ class CurvatureOperator:
         ``max_dense_size``); ``"hutchinson"``: mean of ``num_samples`` Rademacher
         estimates ``v * (A v)``; ``"curvature_propagation"``: Martens, Sutskever
         & Swersky (2012), ``num_samples`` samples, see
-        :mod:`tfcurv.curvature.propagation`.
+        :mod:`tfcurv.curvature.propagation` (no products, so no progress bar).
         """
+        check_choice(
+            "method", method, ("exact", "hutchinson", "curvature_propagation")
+        )
         num_samples = check_integer("num_samples", num_samples)
         seed = check_seed(seed)
+        if method == "curvature_propagation":
+            return self._curvature_propagation(num_samples, seed)
         if method == "exact":
             self._check_dense_size("diagonal('exact')", None)
-            return diagonal_lib.exact(self._matmat, self.size, self.dtype).numpy()
-        if method == "hutchinson":
+            with self._estimate(self.size, verbose):
+                return diagonal_lib.exact(self._matmat, self.size, self.dtype).numpy()
+        with self._estimate(num_samples, verbose):
             return diagonal_lib.hutchinson(
                 self._matmat, self.size, self.dtype, num_samples, seed
             ).numpy()
-        if method == "curvature_propagation":
-            return self._curvature_propagation(num_samples, seed)
-        raise ValueError(
-            "method must be 'exact', 'hutchinson' or 'curvature_propagation', "
-            f"got {method!r}"
-        )
 
     def _propagation_estimator(self):
         """The Curvature Propagation estimator of this matrix (built and traced once)."""
@@ -416,15 +620,31 @@ class CurvatureOperator:
         ).numpy()
 
     def density(
-        self, num_iter: int = 100, num_runs: int = 1, seed: int = 0
+        self,
+        num_iter: int = 100,
+        num_runs: int = 1,
+        seed: int = 0,
+        reorthogonalize: bool = False,
+        verbose="auto",
     ) -> density_lib.SpectralDensity:
-        """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_iter`` products."""
+        """Stochastic Lanczos quadrature: ``num_runs`` runs of ``num_iter`` products.
+
+        Each run holds three parameter vectors: the quadrature needs only the
+        tridiagonal, and stays accurate without re-orthogonalisation (see
+        :mod:`tfcurv.curvature.lanczos`). ``reorthogonalize=True`` keeps the
+        basis (``num_iter`` vectors) and re-orthogonalises against it, which
+        gives Ritz values free of the repeated copies of converged eigenvalues
+        that finite precision otherwise adds (their weights still sum right).
+        """
         num_iter = check_integer("num_iter", num_iter)
         num_runs = check_integer("num_runs", num_runs)
         seed = check_seed(seed)
-        return density_lib.stochastic_lanczos_quadrature(
-            self._matvec, self.size, self.dtype, num_iter, num_runs, seed
-        )
+        check_bool("reorthogonalize", reorthogonalize)
+        with self._estimate(num_iter * num_runs, verbose):
+            return density_lib.stochastic_lanczos_quadrature(
+                self._matvec, self.size, self.dtype, num_iter, num_runs, seed,
+                reorthogonalize,
+            )  # fmt: skip
 
     def negated(self) -> CurvatureOperator:
         """The same operator times -1 (its top eigenvalues are this one's bottom ones)."""

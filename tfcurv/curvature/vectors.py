@@ -53,3 +53,26 @@ def random_flat(size: int, seed: tf.Tensor, dtype, distribution: str = "rademach
     raise ValueError(
         f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}"
     )
+
+
+# Estimators send probes in chunks of at most this many bytes per (k, P) block,
+# so their memory does not grow with the number of samples.
+CHUNK_BYTES = 64 * 2**20
+MAX_CHUNK_ROWS = 64
+
+
+def chunk_rows(size: int, dtype) -> int:
+    """Rows of a ``(k, size)`` block of ``dtype`` that fit in :data:`CHUNK_BYTES`
+    (at least 1, at most :data:`MAX_CHUNK_ROWS`)."""
+    row_bytes = size * tf.as_dtype(dtype).size
+    return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(row_bytes, 1))))
+
+
+def rademacher_chunks(count: int, size: int, seed: int, dtype, salt: int = 0):
+    """``count`` Rademacher rows of length ``size`` in blocks of :func:`chunk_rows`
+    rows; block ``i`` is drawn from seed ``(seed, salt + i)``."""
+    rows = chunk_rows(size, dtype)
+    for index, start in enumerate(range(0, count, rows)):
+        yield rademacher(
+            [min(rows, count - start), size], seed_pair(seed, salt + index), dtype
+        )
