@@ -32,6 +32,7 @@ from tfcurv.analysis.reconstruction import (
     projected_weights,
     reconstruction_curve,
 )
+from tfcurv.analysis.report import CurvatureReport, curvature_report
 from tfcurv.analysis.spectra import (
     Eigenpairs,
     LayerComparison,
@@ -46,6 +47,7 @@ from tfcurv.analysis.trajectory import (
 
 __all__ = [
     "CurvatureMonitor",
+    "CurvatureReport",
     "DriftMode",
     "Eigenpairs",
     "LayerComparison",
@@ -58,6 +60,7 @@ __all__ = [
     "as_rows",
     "best_overlap",
     "compare_layers",
+    "curvature_report",
     "drift_mode",
     "drift_ratio",
     "extended_singular_vectors",

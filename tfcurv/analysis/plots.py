@@ -110,6 +110,28 @@ def plot_spectral_density(
     return ax
 
 
+def plot_layer_report(report, axes=None):
+    """Two bar charts of a :class:`~tfcurv.analysis.report.CurvatureReport`, one
+    bar per layer: the top eigenvalue of the layer's Hessian block (left) and
+    the layer's share of the trace (right). Returns the two axes."""
+    if axes is None:
+        _axis(None)  # matplotlib present, or a clear ImportError
+        import matplotlib.pyplot as plt
+
+        _, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [str(n) for n in report.layer_names]
+    positions = np.arange(len(names))
+    left, right = axes
+    left.bar(positions, report.layer_top_eigenvalues)
+    left.set_ylabel("top eigenvalue of the layer's block")
+    right.bar(positions, 100 * np.asarray(report.layer_trace_shares))
+    right.set_ylabel("share of the Hessian trace (%)")
+    for ax in axes:
+        ax.set_xticks(positions, names, rotation=30, ha="right")
+    left.set_title("per-layer curvature")
+    return axes
+
+
 def plot_reconstruction(
     curves: Mapping[str, ReconstructionCurve], ax=None, metric: str = "accuracy"
 ):
