@@ -56,3 +56,67 @@ napoleon_use_rtype = False
 
 html_theme = "furo"
 html_title = f"tfcurv {release}"
+
+# Every cross-reference must resolve (`sphinx-build -n`). Types of other
+# libraries are not linked: the build runs offline, without intersphinx.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(numpy|np|collections\.abc|os|typing|keras|tf|tensorflow)\..*"),
+]
+
+# A class page lists every public method, inherited ones included (Hessian's
+# eigenvalues, trace, ... live on CurvatureOperator), but not the Keras
+# methods a tfcurv optimizer or model inherits: those are Keras' to document.
+# (`:inherited-members:` in _templates/public_class.rst, and the hook below.)
+
+
+def _public_tfcurv_classes():
+    import inspect
+
+    found = set()
+    from tfcurv.optimizers import curvature_optimizer
+
+    contract = ["CurvatureOptimizer", "CurvatureContext", "LayerStatistics"]
+    modules = [(m, m.__all__) for m in (tfcurv, tfcurv.analysis, tfcurv.curvature)]
+    modules += [(tfcurv.optimizers, tfcurv.optimizers.__all__)]
+    modules += [(curvature_optimizer, contract)]  # documented in train_step.md
+    for module, names in modules:
+        for name in names:
+            value = getattr(module, name)
+            if inspect.isclass(value):
+                found.add(value)
+    return found
+
+
+_PUBLIC = _public_tfcurv_classes()
+
+
+def _skip_members_of_other_libraries(app, what, name, obj, skip, options):
+    if what != "class" or skip:
+        return None
+    owner = getattr(obj, "__module__", None)
+    if owner is None and isinstance(obj, property):
+        owner = getattr(obj.fget, "__module__", None)
+    if owner is not None and not owner.startswith("tfcurv"):
+        return True
+    return None
+
+
+def _documented_bases(app, name, obj, options, bases):
+    """Undocumented tfcurv bases (private mixins, internal bases) are replaced
+    by their own bases, so "Bases:" names only documented classes."""
+    resolved = []
+    pending = list(bases)
+    while pending:
+        base = pending.pop(0)
+        internal = base.__module__.startswith("tfcurv") and base not in _PUBLIC
+        if internal:
+            pending[:0] = [b for b in base.__bases__ if b is not object]
+        elif base not in resolved:
+            resolved.append(base)
+    bases[:] = resolved or [object]
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_members_of_other_libraries)
+    app.connect("autodoc-process-bases", _documented_bases)

@@ -144,6 +144,14 @@ def test_documentation_builds_without_warnings(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-5000:]
     assert (tmp_path / "html" / "generated" / "tfcurv.optimizers.AGD.html").is_file()
+    # conf.py sets nitpicky: every cross-reference above resolved. The operators'
+    # pages list the estimates they inherit, with their arguments.
+    for operator in ("Hessian", "GaussNewton", "Fisher"):
+        page = (tmp_path / "html" / "generated" / f"tfcurv.{operator}.html").read_text()
+        for method in ("vp", "eigenvalues", "trace", "diagonal", "density", "solve",
+                       "to_scipy", "dense"):  # fmt: skip
+            assert f'id="tfcurv.{operator}.{method}"' in page, (operator, method)
+        assert "basis_size" in page and "reorthogonalize" in page
     # The docs show the package's version, and the changelog that starts with it.
     assert f"tfcurv {tfcurv.__version__}" in (tmp_path / "html" / "index.html").read_text()
     changelog = (tmp_path / "html" / "changelog.html").read_text()

@@ -39,7 +39,7 @@ class CurvatureMonitor(keras.callbacks.Callback):
       as ``<layer name>_hessian_top_eigenvalue`` and ``<layer name>_hessian_trace``.
 
     On epochs that are not measured the values are NaN, so ``History`` keeps one
-    entry per epoch; :attr:`history` holds only the measured epochs.
+    entry per epoch; the monitor's own ``history`` attribute holds only the measured epochs.
 
     Args:
         data: ``(x, y)`` batch or ``tf.data.Dataset`` the curvature is measured on

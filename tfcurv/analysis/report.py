@@ -42,7 +42,7 @@ class CurvatureReport(SavableResult):
         layer_top_eigenvalues: the top eigenvalue of each layer's Hessian block.
         layer_trace_shares: each layer's share of ``trace`` (sums to 1).
         density_nodes, density_weights: the spectral density's quadrature
-            (see :class:`~tfcurv.curvature.density.SpectralDensity`).
+            (see :class:`~tfcurv.curvature.SpectralDensity`).
     """
 
     num_parameters: int

@@ -1,5 +1,13 @@
-"""Curvature of losses of Keras models: products, diagonals, spectra.
+"""Curvature of losses of Keras models: products, diagonals, spectra, solves.
 
-The functions in this package are pure TensorFlow (no Keras state) so that the
-train step and the analysis tools can share them.
+The operators themselves are :class:`tfcurv.Hessian`, :class:`tfcurv.GaussNewton`
+and :class:`tfcurv.Fisher`; this package documents what they share and return:
+:class:`CurvatureOperator` (every estimate: eigenpairs, traces, diagonals,
+densities, linear solves, SciPy operators), :class:`SolveResult` and
+:class:`SpectralDensity`.
 """
+
+from tfcurv.curvature.density import SpectralDensity
+from tfcurv.curvature.operators import CurvatureOperator, SolveResult
+
+__all__ = ["CurvatureOperator", "SolveResult", "SpectralDensity"]

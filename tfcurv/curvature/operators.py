@@ -383,10 +383,10 @@ class CurvatureOperator:
         after ``max_iter`` products (default ``min(P, 1000)``), or when a search
         direction has non-positive curvature: conjugate gradients needs a
         positive-definite matrix, which a Hessian need not be (add
-        ``damping``, or solve with :class:`GaussNewton` or :class:`Fisher`).
+        ``damping``, or solve with :class:`~tfcurv.GaussNewton` or :class:`~tfcurv.Fisher`).
         The residual is recomputed from ``x`` at the end, so the reported
         norm is the true one, not CG's recurrence. Returns a
-        :class:`SolveResult` with ``x`` shaped like the variables and the
+        :class:`~tfcurv.curvature.SolveResult` with ``x`` shaped like the variables and the
         iteration report. The recurrence runs in float64.
         """
         check_choice("method", method, ("cg",))
@@ -574,7 +574,7 @@ class CurvatureOperator:
         ``max_dense_size``); ``"hutchinson"``: mean of ``num_samples`` Rademacher
         estimates ``v * (A v)``; ``"curvature_propagation"``: Martens, Sutskever
         & Swersky (2012), ``num_samples`` samples, see
-        :mod:`tfcurv.curvature.propagation` (no products, so no progress bar).
+        the module ``tfcurv.curvature.propagation`` (no products, so no progress bar).
         """
         check_choice(
             "method", method, ("exact", "hutchinson", "curvature_propagation")
@@ -631,7 +631,7 @@ class CurvatureOperator:
 
         Each run holds three parameter vectors: the quadrature needs only the
         tridiagonal, and stays accurate without re-orthogonalisation (see
-        :mod:`tfcurv.curvature.lanczos`). ``reorthogonalize=True`` keeps the
+        the module ``tfcurv.curvature.lanczos``). ``reorthogonalize=True`` keeps the
         basis (``num_iter`` vectors) and re-orthogonalises against it, which
         gives Ritz values free of the repeated copies of converged eigenvalues
         that finite precision otherwise adds (their weights still sum right).
