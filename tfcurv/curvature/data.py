@@ -67,6 +67,11 @@ class Data:
             else self.is_dataset and (self.num_batches is None or self.num_batches > 20)
         )
 
+    @property
+    def single_batch(self) -> Batch | None:
+        """The batch, when ``data`` is one batch (not a dataset)."""
+        return self._batch
+
     def batches(self) -> Iterator[Batch]:
         if not self.is_dataset:
             yield self._batch

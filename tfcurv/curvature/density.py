@@ -84,18 +84,24 @@ def stochastic_lanczos_quadrature(
     seed: int,
     reorthogonalize: bool = False,
     on_product=None,
+    tridiagonal=None,
 ) -> SpectralDensity:
     """``num_runs`` Lanczos runs of at most ``num_iter`` steps each.
 
     Each run holds three vectors (``num_iter`` with ``reorthogonalize=True``,
     which stores the basis and re-orthogonalises every step against it).
+    ``tridiagonal(start, num_iter)`` (optional) runs a whole recurrence
+    without re-orthogonalisation at once, in place of ``matvec``'s steps.
     """
     nodes, weights = [], []
     for run in range(num_runs):
         start = vec.random_flat(size, vec.seed_pair(seed, run), dtype)
-        alphas, betas = lanczos_lib.lanczos_tridiagonal(
-            matvec, start, min(num_iter, size), reorthogonalize, on_product
-        )
+        if tridiagonal is not None and not reorthogonalize:
+            alphas, betas = tridiagonal(start, min(num_iter, size))
+        else:
+            alphas, betas = lanczos_lib.lanczos_tridiagonal(
+                matvec, start, min(num_iter, size), reorthogonalize, on_product
+            )
         values, vectors = lanczos_lib.tridiagonal_eigh(alphas, betas)
         padding = num_iter - len(values)  # an invariant subspace ends a run early
         nodes.append(np.pad(values, (0, padding), constant_values=values[-1]))

@@ -106,12 +106,11 @@ class Fisher(OutputSpaceOperator):
             summed = count * self._mean_loss(y, outputs)
         return scale * tape.gradient(summed, outputs)
 
-    def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):
+    def _output_space_product_fn(self, outputs_fn, y, sample_weight, seed):
         if sample_weight is not None:
             raise ValueError("Fisher does not support sample_weight in data")
-        return products.fisher_vector_products(
+        return products.fisher_product_fn(
             outputs_fn,
             lambda outputs: self._output_gradients(y, outputs, seed),
             self.variables,
-            vectors,
         )

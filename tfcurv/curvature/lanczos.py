@@ -151,6 +151,44 @@ def lanczos_tridiagonal(
             basis = tf.concat([basis, q[None]], axis=0)
 
 
+def lanczos_tridiagonal_in_graph(
+    product: MatVec, start: tf.Tensor, num_iter: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """:func:`lanczos_tridiagonal` without re-orthogonalisation, as TensorFlow ops.
+
+    For a ``tf.function`` in which ``product`` reuses one forward pass: the
+    whole recurrence is one ``tf.while_loop``, so no step returns to Python.
+    Returns ``alphas`` (length ``n <= num_iter``) and ``betas`` (``n - 1``),
+    float64.
+    """
+    dtype = start.dtype
+    q = tf.cast(start, tf.float64)
+    q = q / tf.norm(q)
+    alphas = tf.TensorArray(tf.float64, size=num_iter)
+    betas = tf.TensorArray(tf.float64, size=num_iter)
+    tiny = tf.constant(np.finfo(np.float64).tiny, tf.float64)
+
+    def body(step, q, previous, beta, scale, alphas, betas, done):
+        w = tf.cast(product(tf.cast(q, dtype)), tf.float64)
+        alpha = tf.tensordot(q, w, 1)
+        w = w - alpha * q - beta * previous
+        new_beta = tf.norm(w)
+        scale = tf.maximum(scale, tf.maximum(tf.abs(alpha), new_beta))
+        done = (new_beta <= 1e-12 * scale) | (step + 1 >= num_iter)
+        next_q = tf.where(done, q, w / tf.where(done, tf.ones_like(new_beta), new_beta))
+        return (step + 1, next_q, q, new_beta, scale, alphas.write(step, alpha),
+                betas.write(step, new_beta), done)  # fmt: skip
+
+    zero = tf.constant(0.0, tf.float64)
+    step, *_, alphas, betas, _ = tf.while_loop(
+        lambda step, *rest: tf.logical_not(rest[-1]),
+        body,
+        (tf.constant(0), q, tf.zeros_like(q), zero, tiny, alphas, betas,
+         tf.constant(False)),
+    )  # fmt: skip
+    return alphas.stack()[:step], betas.stack()[: step - 1]
+
+
 def tridiagonal_eigh(alphas, betas) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of the symmetric tridiagonal matrix (ascending values)."""
     matrix = np.diag(np.asarray(alphas, dtype=np.float64))

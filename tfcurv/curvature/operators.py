@@ -157,8 +157,41 @@ class CurvatureOperator:
         )
         self.size = sum(vec.sizes(self.shapes))
         self.max_dense_size = check_integer("max_dense_size", max_dense_size)
-        self._compiled_products = tf.function(self._batch_products)
+        self._compile()
         self._bar = None
+
+    def _compile(self) -> None:
+        self._compiled_products = tf.function(
+            self._batch_products, reduce_retracing=True
+        )
+        self._compiled_tridiagonal = tf.function(
+            self._tridiagonal_on_batch, reduce_retracing=True
+        )
+
+    def _tridiagonal_on_batch(self, x, y, sample_weight, batch_seed, start, num_iter):
+        """A whole Lanczos recurrence on one batch in one compiled call: one
+        forward pass, then one backward pass per step, in a ``tf.while_loop``."""
+        product = self._flat_product_fn(x, y, sample_weight, batch_seed)
+        return lanczos_lib.lanczos_tridiagonal_in_graph(product, start, num_iter)
+
+    def _in_graph_tridiagonal(self):
+        """``(start, num_iter) -> (alphas, betas)`` compiled whole, where the data
+        is one batch on one device (else ``None``: products go one by one)."""
+        batch = self.data.single_batch
+        if batch is None or self.strategy is not None:
+            return None
+
+        def tridiagonal(start, num_iter):
+            alphas, betas = self._compiled_tridiagonal(
+                *batch, vec.seed_pair(self.sampling_seed, 0), start,
+                tf.constant(num_iter),
+            )  # fmt: skip
+            if self._bar is not None:
+                self._products_before += int(alphas.shape[0])
+                self._bar.update(self._products_before, finalize=False)
+            return alphas.numpy(), betas.numpy()
+
+        return tridiagonal
 
     # -- the model's loss, without changing the model ---------------------------------
 
@@ -198,43 +231,55 @@ class CurvatureOperator:
     # operators that draw nothing ignore it.
     sampling_seed = 0
 
-    def _products_on_batch(self, x, y, sample_weight, vectors, batch_seed):
+    # -1 for the negated operator.
+    _sign = 1.0
+
+    def _product_fn_on_batch(self, x, y, sample_weight, batch_seed):
+        """Runs the forward pass on one batch and returns ``v -> A v`` (one tensor
+        per variable in and out) that reuses it."""
         raise NotImplementedError
 
+    def _flat_product_fn(self, x, y, sample_weight, batch_seed):
+        """:meth:`_product_fn_on_batch` on flat vectors, with the sign applied."""
+        product = self._product_fn_on_batch(x, y, sample_weight, batch_seed)
+        sign = tf.constant(self._sign, self.dtype)
+        return lambda flat: sign * vec.flatten(product(vec.unflatten(flat, self.shapes)))
+
     def _batch_products(self, x, y, sample_weight, flat_vectors, batch_seed):
-        """``A V^T`` on one batch, for the rows of ``flat_vectors`` (compiled)."""
-        vectors = [
-            vec.unflatten(flat_vectors[i], self.shapes)
-            for i in range(flat_vectors.shape[0])
-        ]
-        results = self._products_on_batch(x, y, sample_weight, vectors, batch_seed)
-        return tf.stack([vec.flatten(r) for r in results])
+        """``A V^T`` on one batch, for the rows of ``flat_vectors`` (compiled):
+        one forward and gradient pass, then one backward pass per row, in a
+        ``tf.while_loop`` (so one trace serves every number of rows)."""
+        product = self._flat_product_fn(x, y, sample_weight, batch_seed)
+        count = tf.shape(flat_vectors)[0]
+        results = tf.TensorArray(self.dtype, size=count, element_shape=[self.size])
+
+        def body(index, results):
+            return index + 1, results.write(index, product(flat_vectors[index]))
+
+        _, results = tf.while_loop(
+            lambda index, _: index < count, body, (tf.constant(0), results)
+        )
+        return results.stack()
 
     def _matmat(self, flat_vectors: tf.Tensor) -> tf.Tensor:
         """Products with the rows of ``flat_vectors`` (k, P), over all of ``data``."""
         flat_vectors = tf.cast(flat_vectors, self.dtype)
-        # One vector per compiled call: several could share a forward pass, but
-        # tracing k unrolled products costs about k times one trace (12 s for
-        # k = 16 on a small CNN) while running them saves little.
+        # All rows in one compiled call per batch: one forward pass for them all.
         products_on = (
             self._compiled_products if self.strategy is None
             else self._distributed_products
         )  # fmt: skip
-        chunks = []
-        for start in range(int(flat_vectors.shape[0])):
-            chunk = flat_vectors[start : start + 1]
-            chunks.append(
-                self.data.weighted_mean(
-                    lambda index, batch, chunk=chunk: products_on(
-                        *batch, chunk, vec.seed_pair(self.sampling_seed, index)
-                    ),
-                    self._on_batch,
-                )
-            )
-            if self._bar is not None:
-                self._products_before += 1
-                self._bar.update(self._products_before, finalize=False)
-        return tf.concat(chunks, axis=0)
+        self._block = int(flat_vectors.shape[0])
+        result = self.data.weighted_mean(
+            lambda index, batch: products_on(
+                *batch, flat_vectors, vec.seed_pair(self.sampling_seed, index)
+            ),
+            self._on_batch,
+        )
+        if self._bar is not None:
+            self._products_before += self._block
+            self._bar.update(self._products_before, finalize=False)
+        return result
 
     # -- progress: one bar per estimate ------------------------------------------------
 
@@ -243,7 +288,8 @@ class CurvatureOperator:
         total = self.data.num_batches
         if self._bar is not None and total and batches_done < total:
             self._bar.update(
-                self._products_before + batches_done / total, finalize=False
+                self._products_before + self._block * batches_done / total,
+                finalize=False,
             )
 
     @contextlib.contextmanager
@@ -643,7 +689,7 @@ class CurvatureOperator:
         with self._estimate(num_iter * num_runs, verbose):
             return density_lib.stochastic_lanczos_quadrature(
                 self._matvec, self.size, self.dtype, num_iter, num_runs, seed,
-                reorthogonalize,
+                reorthogonalize, tridiagonal=self._in_graph_tridiagonal(),
             )  # fmt: skip
 
     def negated(self) -> CurvatureOperator:
@@ -654,18 +700,20 @@ class CurvatureOperator:
 class _Negated(CurvatureOperator):
     def __init__(self, operator: CurvatureOperator):
         self.__dict__.update(operator.__dict__)
-        self._compiled_products = operator._compiled_products
+        self._sign = -operator._sign
+        self._original = operator
+        self._compile()
 
-    def _matmat(self, flat_vectors):
-        return -CurvatureOperator._matmat(self, flat_vectors)
+    def _product_fn_on_batch(self, x, y, sample_weight, batch_seed):
+        return self._original._product_fn_on_batch(x, y, sample_weight, batch_seed)
 
 
 class Hessian(CurvatureOperator):
     """The Hessian of the mean loss (plus regularisation) with respect to ``variables``."""
 
-    def _products_on_batch(self, x, y, sample_weight, vectors, batch_seed):
-        return products.hessian_vector_products(
-            lambda: self._loss(x, y, sample_weight), self.variables, vectors, self.mode
+    def _product_fn_on_batch(self, x, y, sample_weight, batch_seed):
+        return products.hessian_product_fn(
+            lambda: self._loss(x, y, sample_weight), self.variables, self.mode
         )
 
 
@@ -674,7 +722,7 @@ class OutputSpaceOperator(CurvatureOperator):
 
     ``J`` is the Jacobian of the model outputs (logits, for cross-entropies with
     ``from_logits=True``) and ``M`` a curvature of the loss in output space,
-    given by :meth:`_output_space_products`. The Hessian of the regularisation
+    given by :meth:`_output_space_product_fn`. The Hessian of the regularisation
     losses is added exactly (for L2 weight penalties a multiple of the identity).
     """
 
@@ -685,10 +733,10 @@ class OutputSpaceOperator(CurvatureOperator):
                 f"{type(self).__name__} supports only mode='reverse_over_reverse'"
             )
 
-    def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):
+    def _output_space_product_fn(self, outputs_fn, y, sample_weight, seed):
         raise NotImplementedError
 
-    def _products_on_batch(self, x, y, sample_weight, vectors, batch_seed):
+    def _product_fn_on_batch(self, x, y, sample_weight, batch_seed):
         regularisation_holder = []
 
         def outputs_fn():
@@ -696,17 +744,13 @@ class OutputSpaceOperator(CurvatureOperator):
             regularisation_holder.append(regularisation)
             return outputs
 
-        results = self._output_space_products(
-            outputs_fn, y, sample_weight, vectors, batch_seed
+        product = self._output_space_product_fn(outputs_fn, y, sample_weight, batch_seed)
+        if regularisation_holder[0] is None:
+            return product
+        regularised = products.hessian_product_fn(
+            lambda: self._outputs_and_regularisation(x)[1], self.variables
         )
-        if regularisation_holder[0] is not None:
-            regularised = products.hessian_vector_products(
-                lambda: self._outputs_and_regularisation(x)[1], self.variables, vectors
-            )
-            results = [
-                [a + b for a, b in zip(r, q)] for r, q in zip(results, regularised)
-            ]
-        return results
+        return lambda v: [a + b for a, b in zip(product(v), regularised(v))]
 
 
 class GaussNewton(OutputSpaceOperator):
@@ -717,10 +761,9 @@ class GaussNewton(OutputSpaceOperator):
     added exactly (for L2 weight penalties it is a multiple of the identity).
     """
 
-    def _output_space_products(self, outputs_fn, y, sample_weight, vectors, seed):
-        return products.gauss_newton_vector_products(
+    def _output_space_product_fn(self, outputs_fn, y, sample_weight, seed):
+        return products.gauss_newton_product_fn(
             outputs_fn,
             lambda outputs: self._mean_loss(y, outputs, sample_weight),
             self.variables,
-            vectors,
         )

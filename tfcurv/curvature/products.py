@@ -5,10 +5,11 @@ The building block shared by the train step and the analysis tools is
 that recorded the computation of ``gradients`` (reverse-over-reverse), it returns
 ``H v`` without another forward pass.
 
-The analysis operators use :func:`hessian_vector_products` (reverse-over-reverse
-or forward-over-reverse), :func:`gauss_newton_vector_products` and
-:func:`fisher_vector_products` (empirical or sampled-label Fisher), each taking
-closures that recompute the loss or the model outputs.
+The analysis operators use :func:`hessian_product_fn` (reverse-over-reverse
+or forward-over-reverse), :func:`gauss_newton_product_fn` and
+:func:`fisher_product_fn` (empirical or sampled-label Fisher): each runs the
+forward pass once and returns a function ``v -> A v`` that reuses it, so many
+products (in a ``tf.while_loop``, for instance) cost one forward pass.
 """
 
 from __future__ import annotations
@@ -71,72 +72,77 @@ OutputsClosure = Callable[[], tf.Tensor]
 MODES = ("reverse_over_reverse", "forward_over_reverse")
 
 
-def hessian_vector_products(
+ProductFn = Callable[[Sequence[tf.Tensor]], list]
+
+
+def hessian_product_fn(
     loss_fn: LossClosure,
     variables: Sequence[tf.Variable],
-    vectors: Sequence[Sequence[tf.Tensor]],
     mode: str = "reverse_over_reverse",
-) -> list[list[tf.Tensor]]:
-    """``H v`` for every ``v`` in ``vectors``, where ``H`` is the Hessian of ``loss_fn()``.
+) -> ProductFn:
+    """A function ``v -> H v``, where ``H`` is the Hessian of ``loss_fn()``.
 
-    ``reverse_over_reverse`` (default) runs one forward pass and one gradient
-    pass, then one more backward pass per vector. ``forward_over_reverse``
-    pushes each vector forward through the gradient computation with a
-    ``tf.autodiff.ForwardAccumulator`` (one forward+gradient pass per vector); it
-    does not go through every op (e.g. Keras RNN while-loops in graphs).
+    ``reverse_over_reverse`` (default) runs the forward pass and the gradient
+    pass once, here, and each product is one more backward pass through them
+    (the tapes are persistent; in a ``tf.function`` the product may be called
+    in a ``tf.while_loop`` body). ``forward_over_reverse`` pushes each vector
+    forward through the gradient computation with a
+    ``tf.autodiff.ForwardAccumulator``, so each product runs its own forward
+    and gradient pass; it does not go through every op (e.g. Keras RNN
+    while-loops in graphs).
     """
-    if mode == "reverse_over_reverse":
-        with tf.GradientTape(persistent=len(vectors) > 1) as outer_tape:
-            with tf.GradientTape() as inner_tape:
-                loss = loss_fn()
-            gradients = inner_tape.gradient(
-                loss,
-                _primals(variables),
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            )
-        return [
-            hessian_vector_product_from_tape(outer_tape, gradients, v, variables)
-            for v in vectors
-        ]
+    check_choice("mode", mode, tuple(MODES))
+    primals = _primals(variables)
     if mode == "forward_over_reverse":
-        primals = _primals(variables)
-        products = []
-        for v in vectors:
-            tangents = [tf.cast(t, p.dtype) for t, p in zip(v, primals)]
+
+        def forward_product(vector):
+            tangents = [tf.cast(t, p.dtype) for t, p in zip(vector, primals)]
             with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
                 with tf.GradientTape() as tape:
                     loss = loss_fn()
                 gradients = tape.gradient(
                     loss, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
                 )
-            products.append(
-                [
-                    accumulator.jvp(
-                        g, unconnected_gradients=tf.UnconnectedGradients.ZERO
-                    )
-                    for g in gradients
-                ]
-            )
-        return products
-    check_choice("mode", mode, tuple(MODES))
-    raise AssertionError("unreachable")
+            return [
+                accumulator.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                for g in gradients
+            ]
+
+        return forward_product
+    with tf.GradientTape(persistent=True) as outer_tape:
+        with tf.GradientTape() as inner_tape:
+            loss = loss_fn()
+        gradients = inner_tape.gradient(
+            loss, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+    return lambda vector: hessian_vector_product_from_tape(
+        outer_tape, gradients, vector, variables
+    )
 
 
-def _output_hessian_products(loss_of_outputs, outputs, directions):
-    """``(d^2 loss / d outputs^2) u`` for each direction ``u`` (structures like ``outputs``)."""
+def hessian_vector_products(
+    loss_fn: LossClosure,
+    variables: Sequence[tf.Variable],
+    vectors: Sequence[Sequence[tf.Tensor]],
+    mode: str = "reverse_over_reverse",
+) -> list[list[tf.Tensor]]:
+    """``H v`` for every ``v`` in ``vectors`` (see :func:`hessian_product_fn`)."""
+    product = hessian_product_fn(loss_fn, variables, mode)
+    return [product(v) for v in vectors]
+
+
+def _output_hessian_product_fn(loss_of_outputs, outputs):
+    """A function ``u -> (d^2 loss / d outputs^2) u`` (``u`` structured like ``outputs``)."""
     flat_outputs = tf.nest.flatten(outputs)
-    with tf.GradientTape(persistent=len(directions) > 1) as outer_tape:
+    with tf.GradientTape(persistent=True) as outer_tape:
         outer_tape.watch(flat_outputs)
         with tf.GradientTape() as inner_tape:
             inner_tape.watch(flat_outputs)
             loss = loss_of_outputs(tf.nest.pack_sequence_as(outputs, flat_outputs))
         output_gradients = inner_tape.gradient(loss, flat_outputs)
-    return [
-        hessian_vector_product_from_tape(
-            outer_tape, output_gradients, tf.nest.flatten(u), flat_outputs
-        )
-        for u in directions
-    ]
+    return lambda u: hessian_vector_product_from_tape(
+        outer_tape, output_gradients, tf.nest.flatten(u), flat_outputs
+    )
 
 
 class _Linearisation:
@@ -146,13 +152,13 @@ class _Linearisation:
     only, so it works through every op that has a gradient of its gradient).
     """
 
-    def __init__(self, outputs_fn: OutputsClosure, variables, num_vectors: int):
+    def __init__(self, outputs_fn: OutputsClosure, variables):
         self.variables = _primals(variables)
         with tf.GradientTape(persistent=True) as self._tape:
             self.outputs = outputs_fn()
         self.flat_outputs = tf.nest.flatten(self.outputs)
         self._dummy = [tf.zeros_like(o) for o in self.flat_outputs]
-        with tf.GradientTape(persistent=num_vectors > 1) as self._dual_tape:
+        with tf.GradientTape(persistent=True) as self._dual_tape:
             self._dual_tape.watch(self._dummy)
             self._transposed = self.transpose_product(self._dummy)
 
@@ -179,38 +185,50 @@ class _Linearisation:
         )
 
 
+def gauss_newton_product_fn(
+    outputs_fn: OutputsClosure,
+    loss_of_outputs: Callable[[tf.Tensor], tf.Tensor],
+    variables: Sequence[tf.Variable],
+) -> ProductFn:
+    """A function ``v -> J^T (d^2 loss/d outputs^2) J v``: the generalised
+    Gauss-Newton matrix times ``v``, from one forward pass made here.
+
+    ``J`` is the Jacobian of ``outputs_fn()`` with respect to ``variables``. For
+    losses convex in the outputs (cross-entropy from logits, squared error) the
+    result is positive semi-definite.
+    """
+    linearisation = _Linearisation(outputs_fn, variables)
+    output_curvature = _output_hessian_product_fn(
+        loss_of_outputs, linearisation.outputs
+    )
+
+    def product(vector):
+        jv = tf.nest.pack_sequence_as(
+            linearisation.outputs, linearisation.product(vector)
+        )
+        return linearisation.transpose_product(output_curvature(jv))
+
+    return product
+
+
 def gauss_newton_vector_products(
     outputs_fn: OutputsClosure,
     loss_of_outputs: Callable[[tf.Tensor], tf.Tensor],
     variables: Sequence[tf.Variable],
     vectors: Sequence[Sequence[tf.Tensor]],
 ) -> list[list[tf.Tensor]]:
-    """``J^T (d^2 loss/d outputs^2) J v``: the generalised Gauss-Newton matrix times ``v``.
-
-    ``J`` is the Jacobian of ``outputs_fn()`` with respect to ``variables``. For
-    losses convex in the outputs (cross-entropy from logits, squared error) the
-    result is positive semi-definite.
-    """
-    linearisation = _Linearisation(outputs_fn, variables, len(vectors))
-    jacobian_products = [linearisation.product(v) for v in vectors]
-    curvature_products = _output_hessian_products(
-        loss_of_outputs,
-        linearisation.outputs,
-        [
-            tf.nest.pack_sequence_as(linearisation.outputs, jv)
-            for jv in jacobian_products
-        ],
-    )
-    return [linearisation.transpose_product(hu) for hu in curvature_products]
+    """:func:`gauss_newton_product_fn` applied to every vector of ``vectors``."""
+    product = gauss_newton_product_fn(outputs_fn, loss_of_outputs, variables)
+    return [product(v) for v in vectors]
 
 
-def fisher_vector_products(
+def fisher_product_fn(
     outputs_fn: OutputsClosure,
     per_example_output_gradients: Callable[[tf.Tensor], tf.Tensor],
     variables: Sequence[tf.Variable],
-    vectors: Sequence[Sequence[tf.Tensor]],
-) -> list[list[tf.Tensor]]:
-    """``(1/N) sum_n J_n^T e_n e_n^T J_n v``: a Fisher matrix in output space, times ``v``.
+) -> ProductFn:
+    """A function ``v -> (1/N) sum_n J_n^T e_n e_n^T J_n v``: a Fisher matrix in
+    output space, times ``v``, from one forward pass made here.
 
     ``per_example_output_gradients(outputs)`` returns ``e`` of shape
     ``(N, ...)`` with row ``n`` the gradient of example ``n``'s loss with respect
@@ -219,7 +237,7 @@ def fisher_vector_products(
     Carlo) Fisher. Examples are treated as independent (exact without
     batch-coupling layers such as BatchNormalization in training mode).
     """
-    linearisation = _Linearisation(outputs_fn, variables, len(vectors))
+    linearisation = _Linearisation(outputs_fn, variables)
     if len(linearisation.flat_outputs) != 1:
         raise ValueError(
             "Fisher products need a model with one output tensor, got "
@@ -229,9 +247,10 @@ def fisher_vector_products(
     e = tf.stop_gradient(per_example_output_gradients(outputs))
     count = tf.cast(tf.shape(e)[0], e.dtype)
     reduce_axes = list(range(1, len(e.shape)))
-    results = []
-    for v in vectors:
-        (jv,) = linearisation.product(v)
+
+    def product(vector):
+        (jv,) = linearisation.product(vector)
         per_example = tf.reduce_sum(e * jv, axis=reduce_axes, keepdims=True)
-        results.append(linearisation.transpose_product([e * per_example / count]))
-    return results
+        return linearisation.transpose_product([e * per_example / count])
+
+    return product
