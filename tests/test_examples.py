@@ -136,3 +136,16 @@ def test_distributed_example_trains_two_local_workers_to_the_same_weights():
     )
     assert len(reports) == 2
     assert reports[0].split(":", 1)[1] == reports[1].split(":", 1)[1]
+
+
+@pytest.mark.slow
+def test_newton_step_example_solves_and_agrees_with_scipy(capsys):
+    import newton_step
+
+    results = newton_step.main(["--batch", "256"])
+    assert results["relative_residual"] <= 1e-5
+    assert results["scipy_difference"] < 1e-3
+    # A damped Gauss-Newton step on the batch it was solved on lowers its loss.
+    assert results["loss_after"] < results["loss_before"]
+    assert all(np.isfinite(results["influence"]))
+    assert "SciPy cg on to_scipy()" in capsys.readouterr().out

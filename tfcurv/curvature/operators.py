@@ -65,7 +65,10 @@ class SolveResult:
         converged: whether ``relative_residual`` is at most ``tol``.
         stop_reason: ``"converged"``, ``"max_iter"``, ``"non-positive
             curvature"`` (the damped matrix is not positive definite along a
-            search direction; ``x`` is the last iterate) or ``"b is zero"``.
+            search direction; ``x`` is the last iterate), ``"rounding"`` (CG's
+            recurrence reached ``tol`` but the recomputed residual did not:
+            the precision of the products, float32 for instance, limits what
+            can be reached) or ``"b is zero"``.
         residual_history: the recurrence's relative residual norm before each
             iteration and after the last.
     """
@@ -477,6 +480,8 @@ class CurvatureOperator:
                 residual_square = new_square
                 history.append(new_square**0.5)
             true_residual = float(tf.norm(rhs - damped(x))) if iterations else history[0]
+        if stop == "converged" and true_residual > target:
+            stop = "rounding"
         reference = history[0] or 1.0
         return SolveResult(
             x=[t.numpy() for t in vec.unflatten(tf.cast(x, self.dtype), self.shapes)],
