@@ -1,7 +1,7 @@
 """Extreme eigenpairs and Lanczos quadrature of a symmetric operator known by products.
 
 * :func:`top_eigenpairs`: thick-restart Lanczos (Wu & Simon 2000). It keeps at
-  most ``basis_size`` vectors (default ``max(2 top_n + 10, 20)``, capped at the
+  most ``basis_size`` vectors (default ``max(top_n + 10, 20)``, capped at the
   dimension), so its memory does not grow with the number of products: when
   the basis is full it is compressed to the best ``keep`` Ritz vectors plus
   the residual direction, and the recurrence goes on from there.
@@ -35,7 +35,7 @@ MatVec = Callable[[tf.Tensor], tf.Tensor]
 
 def default_basis_size(top_n: int, size: int) -> int:
     """The thick-restart basis size used unless one is given."""
-    return min(size, max(2 * top_n + 10, 20))
+    return min(size, max(top_n + 10, 20))
 
 
 def _orthogonalise(w: tf.Tensor, basis: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -56,6 +56,40 @@ def _product(matvec: MatVec, q: tf.Tensor, dtype, on_product) -> tf.Tensor:
     return w
 
 
+def _row_blocks(rows: list, size: int):
+    """``(first, last, block)``: the rows' entries ``[first, last)`` stacked into
+    one float64 ``(len(rows), last - first)`` block of at most 32 MiB."""
+    step = max(1, 2**22 // len(rows))
+    for first in range(0, size, step):
+        last = min(first + step, size)
+        yield first, last, tf.cast(tf.stack([r[first:last] for r in rows]), tf.float64)
+
+
+def _orthogonalise_rows(w: tf.Tensor, rows: list) -> tuple[tf.Tensor, np.ndarray]:
+    """:func:`_orthogonalise` against a list of rows (stored in any dtype, used
+    in float64 a column block at a time: no stacked copy of the basis). The
+    second pass runs only when the first cancelled much of ``w`` (the DGKS
+    criterion, ``||w'|| < 0.7 ||w||``)."""
+    size = int(w.shape[0])
+    total = np.zeros(len(rows))
+    norm = float(tf.norm(w))
+    for sweep in range(2):
+        if sweep == 1:
+            previous, norm = norm, float(tf.norm(w))
+            if norm >= 0.7 * previous:
+                break
+        coefficients = tf.zeros([len(rows)], tf.float64)
+        for first, last, block in _row_blocks(rows, size):
+            coefficients += tf.linalg.matvec(block, w[first:last])
+        pieces = [
+            w[first:last] - tf.linalg.matvec(block, coefficients, transpose_a=True)
+            for first, last, block in _row_blocks(rows, size)
+        ]
+        w = tf.concat(pieces, axis=0)
+        total += coefficients.numpy()
+    return w, total
+
+
 def top_eigenpairs(
     matvec: MatVec,
     size: int,
@@ -71,25 +105,38 @@ def top_eigenpairs(
 
     Converged when every wanted Ritz pair has residual norm ``||A y - theta y||``
     at most ``tol`` times the largest Ritz magnitude. At most ``max_iter``
-    products; at most ``basis_size + 1`` vectors of length ``size`` (float64)
-    held at any time. Returns values, eigenvectors (rows, in ``dtype``) and
-    the number of products used.
+    products. The basis is at most ``basis_size`` vectors stored in ``dtype``
+    (a restart holds the kept combinations besides them for a moment); the
+    recurrence's coefficients, orthogonalisation and Ritz values are computed
+    in float64. Returns values, eigenvectors (rows, in ``dtype``) and the
+    number of products used.
     """
     dtype = tf.as_dtype(dtype)
     capacity = default_basis_size(top_n, size) if basis_size is None else basis_size
     capacity = min(max(capacity, top_n + 2), size)
     keep = min(capacity - 1, top_n + (capacity - top_n) // 2)
     start = tf.cast(vec.random_flat(size, vec.seed_pair(seed), dtype), tf.float64)
-    basis = (start / tf.norm(start))[None]
+    rows = [tf.cast(start / tf.norm(start), dtype)]
+    del start
     projected = np.zeros((capacity, capacity))
     products = 0
     scale = np.finfo(np.float64).tiny
+
+    def combine(weights):  # (len(rows), k) -> k vectors in `dtype`
+        weights_t = tf.constant(weights.T)
+        pieces = [[] for _ in range(weights.shape[1])]
+        for _, _, block in _row_blocks(rows, size):
+            combined = tf.cast(tf.matmul(weights_t, block), dtype)
+            for index in range(len(pieces)):
+                pieces[index].append(combined[index])
+        return [tf.concat(piece, axis=0) for piece in pieces]
+
     while True:
-        count = int(basis.shape[0])
-        w = _product(matvec, basis[-1], dtype, on_product)
+        count = len(rows)
+        w = _product(matvec, rows[-1], dtype, on_product)
         products += 1
-        w, column = _orthogonalise(w, basis)
-        projected[:count, count - 1] = projected[count - 1, :count] = column.numpy()
+        w, column = _orthogonalise_rows(w, rows)
+        projected[:count, count - 1] = projected[count - 1, :count] = column
         beta = float(tf.norm(w))
         values, vectors = np.linalg.eigh(projected[:count, :count])
         scale = max(scale, float(np.max(np.abs(values))), beta)
@@ -100,18 +147,18 @@ def top_eigenpairs(
         )
         invariant = beta <= 1e-12 * scale
         if converged or invariant or products >= max_iter or count == size:
-            ritz = tf.matmul(tf.constant(vectors[:, wanted].T), basis)
-            return values[wanted], tf.cast(ritz, dtype), products
+            ritz = tf.stack(combine(vectors[:, wanted]))
+            return values[wanted], ritz, products
         if count == capacity:
             # Thick restart: the best `keep` Ritz vectors span the new basis; the
             # residual direction couples to each of them by beta * (last row).
             kept = np.argsort(values)[::-1][:keep]
-            basis = tf.matmul(tf.constant(vectors[:, kept].T), basis)
+            rows = combine(vectors[:, kept])
             projected[:] = 0.0
             projected[np.arange(keep), np.arange(keep)] = values[kept]
             coupling = beta * vectors[-1, kept]
             projected[keep, :keep] = projected[:keep, keep] = coupling
-        basis = tf.concat([basis, (w / beta)[None]], axis=0)
+        rows.append(tf.cast(w / beta, dtype))
 
 
 def lanczos_tridiagonal(

@@ -545,8 +545,8 @@ class CurvatureOperator:
         ``method="lanczos"`` (default) returns the ``top_n`` largest algebraic
         eigenvalues (for the most negative ones, use ``eigenvalues`` of
         ``-1 * operator`` via :meth:`negated`), by thick-restart Lanczos: it
-        holds at most ``basis_size + 1`` parameter vectors (float64; default
-        ``max(2 top_n + 10, 20)``), however many products it takes.
+        holds a basis of ``basis_size`` parameter vectors (in the operator's dtype, used in float64; default
+        ``max(top_n + 10, 20)``), however many products it takes.
         ``method="power"`` is PyHessian's deflated power iteration, which finds
         the ``top_n`` largest in magnitude. ``tol``: a pair is converged when
         its residual norm is at most ``tol`` times the largest Ritz value
